@@ -1,0 +1,43 @@
+"""llmguard: keep LLM API bills and rate-limit errors under control with decorators.
+
+Everything users may touch is listed in ``__all__``; the implementation lives in private
+modules. ``import llmguard`` loads no tokenizer, price table or storage backend: those load
+on first use.
+"""
+
+from ._config import configure
+from ._errors import ConfigurationError, LLMGuardError, StorageError
+from ._events import configure_logging
+from ._instrument import instrument, record_usage
+from ._pipeline import CallRecord, current_call
+from ._prices import ModelPrice, calc_cost, get_price, set_price
+from ._storage import Storage, open_storage, register_storage
+from ._tokens import TokenCount, count_message_tokens, count_tokens
+from ._track import track
+from ._usage import Usage
+from ._version import __version__
+
+__all__ = [
+    "CallRecord",
+    "ConfigurationError",
+    "LLMGuardError",
+    "ModelPrice",
+    "Storage",
+    "StorageError",
+    "TokenCount",
+    "Usage",
+    "__version__",
+    "calc_cost",
+    "configure",
+    "configure_logging",
+    "count_message_tokens",
+    "count_tokens",
+    "current_call",
+    "get_price",
+    "instrument",
+    "open_storage",
+    "record_usage",
+    "register_storage",
+    "set_price",
+    "track",
+]

@@ -1,0 +1,123 @@
+"""Where llmguard's events go: the structlog logger ``"llmguard"``, plus test sinks.
+
+The library never calls ``structlog.configure``; the application's configuration decides
+how events are rendered and where they go. ``configure_logging()`` is an opt-in helper for
+applications that have no logging set up at all.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from typing import IO, Any
+
+Sink = Callable[[str, dict[str, Any]], None]
+
+_sinks: tuple[Sink, ...] = ()
+_sinks_lock = threading.Lock()
+_logger: Any = None
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def get_logger() -> Any:
+    """The ``"llmguard"`` structlog logger, created (and structlog imported) on first use."""
+    global _logger
+    if _logger is None:
+        import structlog
+
+        _logger = structlog.get_logger("llmguard")
+    return _logger
+
+
+def add_sink(sink: Sink) -> None:
+    """Also hand every event (level, event dict) to ``sink``, whatever structlog's config."""
+    global _sinks
+    with _sinks_lock:
+        _sinks = (*_sinks, sink)
+
+
+def remove_sink(sink: Sink) -> None:
+    global _sinks
+    with _sinks_lock:
+        _sinks = tuple(s for s in _sinks if s is not sink)
+
+
+def emit(level: str, event: str, fields: dict[str, Any]) -> None:
+    """Send one event to the sinks and to the ``"llmguard"`` logger at ``level``."""
+    for sink in _sinks:
+        sink(level, {"event": event, "log_level": level, **fields})
+    getattr(get_logger(), level)(event, **fields)
+
+
+def warn_once(key: str, event: str, **fields: Any) -> None:
+    """Emit a warning event the first time ``(event, key)`` is seen in this process."""
+    marker = (event, key)
+    with _warned_lock:
+        if marker in _warned:
+            return
+        _warned.add(marker)
+    emit("warning", event, fields)
+
+
+def reset_warnings() -> None:
+    """Forget which one-time warnings were given (for tests)."""
+    with _warned_lock:
+        _warned.clear()
+
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+def configure_logging(
+    *,
+    json: bool = True,
+    file: str | IO[str] | None = None,
+    level: str = "INFO",
+) -> None:
+    """Set up structlog for an application that has no logging configured.
+
+    Opt-in: a library must not configure logging, an application may. Events are written
+    one per line to ``file`` (a path, appended to, or an open text stream; default
+    stdout) as JSON (``json=True``) or as a human-readable console line, with an ISO
+    timestamp and the level, and events below ``level`` are dropped.
+
+    >>> import llmguard
+    >>> llmguard.configure_logging(json=True, file="llmguard.jsonl")  # doctest: +SKIP
+    """
+    import structlog
+
+    from ._errors import ConfigurationError
+
+    try:
+        threshold = _LEVELS[level.lower()]
+    except KeyError:
+        raise ConfigurationError(
+            f"unknown log level {level!r}: use one of {', '.join(n.upper() for n in _LEVELS)}"
+        ) from None
+    stream: IO[str]
+    if file is None:
+        stream = sys.stdout
+    elif isinstance(file, str):
+        stream = open(file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - kept for the process
+    else:
+        stream = file
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        logger_factory=structlog.WriteLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+    global _logger
+    _logger = None

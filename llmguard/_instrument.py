@@ -1,0 +1,143 @@
+"""Real usage reported from inside a decorated function.
+
+``instrument(client)`` patches an OpenAI or Anthropic client *instance* so that every
+``create`` call made while a decorated function runs adds its real usage and model to that
+call's record. ``record_usage()`` does the same by hand for any other provider.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from ._errors import ConfigurationError
+from ._pipeline import _current
+from ._usage import Usage, usage_from_response
+
+C = TypeVar("C")
+
+# (resource path, method) pairs looked for on a client; absent ones are skipped.
+_TARGETS = (
+    (("chat", "completions"), "create"),
+    (("chat", "completions"), "parse"),
+    (("responses",), "create"),
+    (("responses",), "parse"),
+    (("messages",), "create"),
+    (("beta", "messages"), "create"),
+)
+_MARK = "__llmguard_instrumented__"
+
+
+def _report(response: Any) -> None:
+    call = _current.get()
+    if call is None:
+        return
+    usage = usage_from_response(response)
+    if usage is not None:
+        call.add_usage(usage, source=response)
+
+
+async def _report_when_done(awaitable: Any) -> Any:
+    response = await awaitable
+    _report(response)
+    return response
+
+
+def _wrap(method: Any) -> Any:
+    # Async SDK methods are often plain functions returning a coroutine, so decide on the
+    # returned value rather than on the method.
+    @functools.wraps(method)
+    def create(*args: Any, **kwargs: Any) -> Any:
+        response = method(*args, **kwargs)
+        if inspect.isawaitable(response):
+            return _report_when_done(response)
+        _report(response)
+        return response
+
+    setattr(create, _MARK, True)
+    return create
+
+
+def _resource(client: Any, path: tuple[str, ...]) -> Any:
+    obj = client
+    for name in path:
+        try:
+            obj = getattr(obj, name)
+        except Exception:  # missing, or an SDK resource that fails to import
+            return None
+    return obj
+
+
+def instrument(client: C) -> C:
+    """Report the real usage of ``client``'s calls to the decorated call they happen in.
+
+    Works on ``openai.OpenAI`` / ``AsyncOpenAI`` (chat completions and the Responses API,
+    ``create`` and ``parse``) and ``anthropic.Anthropic`` / ``AsyncAnthropic`` (messages).
+    Patches this client instance only (clients derived later with ``with_options()`` are
+    not patched); calling it twice is harmless. Returns the client::
+
+        client = llmguard.instrument(OpenAI())
+
+        @llmguard.track
+        def answer(question: str) -> str:
+            reply = client.chat.completions.create(model="gpt-4o-mini", messages=[...])
+            return reply.choices[0].message.content   # the event still has real usage
+    """
+    patched = 0
+    for path, name in _TARGETS:
+        resource = _resource(client, path)
+        method = getattr(resource, name, None) if resource is not None else None
+        if method is None:
+            continue
+        if not getattr(method, _MARK, False):
+            setattr(resource, name, _wrap(method))
+        patched += 1
+    if not patched:
+        raise ConfigurationError(
+            f"instrument() does not know {type(client).__module__}.{type(client).__name__}: it "
+            "takes openai.OpenAI/AsyncOpenAI or anthropic.Anthropic/AsyncAnthropic clients; "
+            "report other providers' usage with llmguard.record_usage()"
+        )
+    return client
+
+
+def record_usage(
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    model: str | None = None,
+    cached_input_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    cost_usd: float | str | Decimal | None = None,
+) -> bool:
+    """Add a provider call's real usage to the decorated call in progress.
+
+    ``input_tokens`` is the whole input, cached and cache-write tokens included. Give
+    ``cost_usd`` when the provider reports the cost itself; otherwise it is computed from the
+    price of ``model`` (default: the call's model). Several reports in one call are summed.
+    Returns False (and does nothing) outside a decorated call.
+    """
+    call = _current.get()
+    if call is None:
+        return False
+    for name, value in (
+        ("input_tokens", input_tokens),
+        ("output_tokens", output_tokens),
+        ("cached_input_tokens", cached_input_tokens),
+        ("cache_write_tokens", cache_write_tokens),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"record_usage: {name} must be an int >= 0, got {value!r}")
+    if cached_input_tokens + cache_write_tokens > input_tokens:
+        raise ValueError(
+            "record_usage: input_tokens is the whole input and must include cached_input_tokens "
+            "and cache_write_tokens"
+        )
+    cost = None if cost_usd is None else Decimal(str(cost_usd))
+    call.add_usage(
+        Usage(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, model),
+        cost_usd=cost,
+    )
+    return True

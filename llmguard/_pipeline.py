@@ -1,0 +1,489 @@
+"""The shared call pipeline every llmguard decorator plugs into.
+
+One :class:`CallRecord` per call of a decorated function lives in a contextvar for the
+duration of the call. Stacking llmguard decorators does not nest wrappers: each decorator
+applied to an llmguard-wrapped function builds a single new wrapper around the original
+function with one more *layer*, so a call has one record and logs one ``llm_call`` event
+however many decorators are stacked. A decorated function called inside another gets its
+own record, whose ``parent_id`` is the outer call's ``call_id``.
+
+Layers (the policies: cache, rate limit, retry, routing, budget) are written once, as
+generators that yield instructions, and driven by two short loops that differ only by
+``await``; whether a function is sync or async is decided once, at decoration time::
+
+    def run(self, call):                       # a layer
+        if hit := lookup(call):
+            return hit                         # short-circuit: the rest is skipped
+        yield Sleep(0.5)                       # time.sleep or asyncio.sleep, as fits
+        result = yield PROCEED                 # run the inner layers and the function
+        return result                          # (exceptions from inside are thrown in)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol
+
+from ._config import UNSET, _Unset
+from ._errors import ConfigurationError
+from ._events import emit, warn_once
+from ._prices import get_price
+from ._tokens import count_message_tokens, count_tokens, counter_for
+from ._usage import Usage, usage_from_response
+
+_current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
+    "llmguard_call", default=None
+)
+_children_lock = threading.Lock()
+_ZERO = Decimal(0)
+
+
+class _Proceed:
+    def __repr__(self) -> str:
+        return "PROCEED"
+
+
+PROCEED: Any = _Proceed()
+"""Yielded by a layer: run the inner layers and the function; the result is sent back."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Yielded by a layer: wait ``seconds`` (``time.sleep`` in sync, ``asyncio.sleep`` in
+    async calls, or the injected ``sleep`` / ``async_sleep``)."""
+
+    seconds: float
+    sleep: Callable[[float], None] | None = None
+    async_sleep: Callable[[float], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Blocking:
+    """Yielded by a layer: run blocking ``fn()`` (in a worker thread for async calls) and
+    send back its result."""
+
+    fn: Callable[[], Any]
+
+
+Instruction = Any  # PROCEED | Sleep | Blocking
+
+
+class Layer(Protocol):
+    """A policy: ``run`` is a generator of instructions returning the call's result."""
+
+    def run(self, call: CallRecord) -> Generator[Instruction, Any, Any]: ...
+
+
+def _drive_sync(layers: tuple[Layer, ...], index: int, call: CallRecord) -> Any:
+    if index == len(layers):
+        return call.spec.fn(*call.args, **call.kwargs)
+    steps = layers[index].run(call)
+    sent: Any = None
+    thrown: BaseException | None = None
+    while True:
+        try:
+            instruction = steps.send(sent) if thrown is None else steps.throw(thrown)
+        except StopIteration as stop:
+            return stop.value
+        sent = thrown = None
+        if instruction is PROCEED:
+            try:
+                sent = _drive_sync(layers, index + 1, call)
+            except Exception as exc:
+                thrown = exc
+        elif isinstance(instruction, Sleep):
+            (instruction.sleep or time.sleep)(instruction.seconds)
+        elif isinstance(instruction, Blocking):
+            sent = instruction.fn()
+        else:  # pragma: no cover - a programming error in a layer
+            raise TypeError(f"layer yielded {instruction!r}")
+
+
+async def _drive_async(layers: tuple[Layer, ...], index: int, call: CallRecord) -> Any:
+    if index == len(layers):
+        return await call.spec.fn(*call.args, **call.kwargs)
+    steps = layers[index].run(call)
+    sent: Any = None
+    thrown: BaseException | None = None
+    while True:
+        try:
+            instruction = steps.send(sent) if thrown is None else steps.throw(thrown)
+        except StopIteration as stop:
+            return stop.value
+        sent = thrown = None
+        if instruction is PROCEED:
+            try:
+                sent = await _drive_async(layers, index + 1, call)
+            except Exception as exc:
+                thrown = exc
+        elif isinstance(instruction, Sleep):
+            if instruction.async_sleep is not None:
+                await instruction.async_sleep(instruction.seconds)
+            elif instruction.sleep is not None:
+                instruction.sleep(instruction.seconds)
+            else:
+                await asyncio.sleep(instruction.seconds)
+        elif isinstance(instruction, Blocking):
+            sent = await asyncio.to_thread(instruction.fn)
+        else:  # pragma: no cover - a programming error in a layer
+            raise TypeError(f"layer yielded {instruction!r}")
+
+
+PromptFn = Callable[..., Any]
+
+
+@dataclass(eq=False)
+class FunctionSpec:
+    """What llmguard knows about one decorated function, computed once at decoration."""
+
+    fn: Callable[..., Any]
+    name: str
+    is_async: bool
+    layers: tuple[Layer, ...] = ()
+    model: str | None = None
+    prompt: PromptFn | None = None
+    model_index: int | None = None
+    model_default: str | None = None
+    messages_index: int | None = None
+    has_messages_kw: bool = False
+    wrapper: Callable[..., Any] | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, fn: Callable[..., Any], *, model: str | None, prompt: PromptFn | None) -> FunctionSpec:
+        spec = cls(
+            fn=fn,
+            name=f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', repr(fn))}",
+            is_async=inspect.iscoroutinefunction(fn),
+            model=model,
+            prompt=prompt,
+        )
+        try:
+            parameters = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            return spec
+        for index, param in enumerate(parameters):
+            positional = param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
+            if param.name == "model":
+                spec.model_index = index if positional else None
+                if isinstance(param.default, str):
+                    spec.model_default = param.default
+            elif param.name == "messages":
+                spec.messages_index = index if positional else None
+                spec.has_messages_kw = param.kind is not param.POSITIONAL_ONLY
+        return spec
+
+
+class CallRecord:
+    """Everything about one call of a decorated function, shared by all its layers.
+
+    Policies read the call's arguments (``args``, ``kwargs``; a layer may change them before
+    ``PROCEED``), add event fields with :meth:`set`, and report usage with
+    :meth:`add_usage`. ``llmguard.current_call()`` returns the record of the innermost
+    decorated call in progress.
+    """
+
+    __slots__ = (
+        "args",
+        "call_id",
+        "children",
+        "children_cost",
+        "cost",
+        "cost_known",
+        "fields",
+        "input_tokens",
+        "cached_input_tokens",
+        "cache_write_tokens",
+        "kwargs",
+        "models",
+        "output_tokens",
+        "parent",
+        "reported",
+        "reported_ids",
+        "spec",
+        "started",
+    )
+
+    def __init__(
+        self, spec: FunctionSpec, args: tuple[Any, ...], kwargs: dict[str, Any], parent: CallRecord | None
+    ) -> None:
+        self.spec = spec
+        self.args = args
+        self.kwargs = kwargs
+        self.parent = parent
+        self.call_id = os.urandom(8).hex()
+        self.fields: dict[str, Any] = {}
+        self.reported = False
+        self.reported_ids: list[int] = []
+        self.input_tokens = self.output_tokens = self.cached_input_tokens = self.cache_write_tokens = 0
+        self.models: list[str] = []
+        self.cost = _ZERO
+        self.cost_known = True
+        self.children = 0
+        self.children_cost = _ZERO
+        self.started = time.perf_counter()
+
+    @property
+    def function(self) -> str:
+        """The decorated function's ``module.qualname``."""
+        return self.spec.name
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.parent.call_id if self.parent is not None else None
+
+    def requested_model(self) -> str | None:
+        """The model this call asks for: its ``model`` argument, else the decorator's
+        ``model=``, else the ``model`` parameter's default."""
+        spec = self.spec
+        model = self.kwargs.get("model")
+        if model is None and spec.model_index is not None and len(self.args) > spec.model_index:
+            model = self.args[spec.model_index]
+        if isinstance(model, str):
+            return model
+        return spec.model or spec.model_default
+
+    def set(self, **fields: Any) -> None:
+        """Add fields to this call's ``llm_call`` event."""
+        self.fields.update(fields)
+
+    def add_usage(self, usage: Usage, *, cost_usd: Decimal | None = None, source: object = None) -> None:
+        """Add one provider call's real usage (several are summed) and its cost.
+
+        ``cost_usd`` is the provider's own figure when it reports one; otherwise the cost is
+        computed from the price of ``usage.model`` (or the requested model).
+        """
+        if source is not None:
+            self.reported_ids.append(id(source))
+        self.reported = True
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.cached_input_tokens += usage.cached_input_tokens
+        self.cache_write_tokens += usage.cache_write_tokens
+        model = usage.model or self.requested_model()
+        if model is not None and model not in self.models:
+            self.models.append(model)
+        if cost_usd is None:
+            price = get_price(model) if model else None
+            if price is None:
+                self.cost_known = False
+                return
+            cost_usd = price.cost(
+                usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.cache_write_tokens
+            )
+        self.cost += cost_usd
+
+    def __repr__(self) -> str:
+        return f"<CallRecord {self.spec.name} call_id={self.call_id}>"
+
+
+def current_call() -> CallRecord | None:
+    """The record of the innermost llmguard-decorated call in progress, or None."""
+    return _current.get()
+
+
+def _estimate(call: CallRecord, result: Any) -> tuple[str | None, int, int, str]:
+    """(model, input tokens, output tokens, method) estimated from arguments and result."""
+    spec = call.spec
+    model = call.requested_model()
+    counter = counter_for(model)
+    args, kwargs = call.args, call.kwargs
+    if spec.prompt is not None:
+        prompt = spec.prompt(*args, **kwargs)
+        if isinstance(prompt, str):
+            input_tokens = counter.count(prompt)
+        else:
+            input_tokens = int(count_message_tokens(prompt, model))
+    else:
+        messages = kwargs.get("messages") if spec.has_messages_kw else None
+        if messages is None and spec.messages_index is not None and len(args) > spec.messages_index:
+            messages = args[spec.messages_index]
+        if messages is not None and not isinstance(messages, str):
+            input_tokens = int(count_message_tokens(messages, model, tools=kwargs.get("tools")))
+        else:
+            input_tokens = 0
+            for index, value in enumerate(args):
+                if type(value) is str and index != spec.model_index:
+                    input_tokens += counter.count(value)
+            for key, value in kwargs.items():
+                if type(value) is str and key != "model":
+                    input_tokens += counter.count(value)
+    output_tokens = counter.count(result) if isinstance(result, str) else 0
+    return model, input_tokens, output_tokens, counter.method
+
+
+def _finish(call: CallRecord, result: Any, error: BaseException | None) -> None:
+    """Settle usage and cost, tell the parent call, emit the ``llm_call`` event."""
+    latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
+    try:
+        fields = _event_fields(call, result, error)
+    except Exception as exc:  # metering must never break the caller's call
+        warn_once(call.spec.name, "llmguard_internal_error", function=call.spec.name, error=repr(exc)[:300])
+        return
+    fields["latency_ms"] = latency_ms
+    fields.update(call.fields)
+    emit("info" if error is None else "warning", "llm_call", fields)
+
+
+def _event_fields(call: CallRecord, result: Any, error: BaseException | None) -> dict[str, Any]:
+    if error is None and result is not None and not isinstance(result, str):
+        usage = usage_from_response(result)
+        if usage is not None and id(result) not in call.reported_ids:
+            call.add_usage(usage, source=result)
+    method: str | None = None
+    if call.reported:
+        source = "usage" if call.cost_known else "unknown"
+        model = call.models[0] if call.models else call.requested_model()
+        input_tokens: int | None = call.input_tokens
+        output_tokens: int | None = call.output_tokens
+        cost: Decimal | None = call.cost if call.cost_known else None
+    elif error is not None or call.children:
+        # Nothing billed here as far as we know: an error without usage, or an outer call
+        # whose provider calls were made (and logged) by nested decorated calls.
+        source = "none" if error is not None else "children"
+        model = call.requested_model()
+        input_tokens = output_tokens = None
+        cost = _ZERO
+    else:
+        model, input_tokens, output_tokens, method = _estimate(call, result)
+        price = get_price(model) if model else None
+        if model is None:
+            warn_once(
+                call.spec.name,
+                "unknown_model",
+                function=call.spec.name,
+                hint="no model argument, return value or decorator model=; use @track(model=...)",
+            )
+        if price is None:
+            source, cost = "unknown", None
+        else:
+            source, cost = "estimate", price.cost(input_tokens, output_tokens)
+    parent = call.parent
+    if parent is not None:
+        with _children_lock:
+            parent.children += 1
+            parent.children_cost += (cost or _ZERO) + call.children_cost
+    fields: dict[str, Any] = {
+        "function": call.spec.name,
+        "call_id": call.call_id,
+        "parent_id": parent.call_id if parent is not None else None,
+        "model": model,
+        "input_tokens": input_tokens,
+        "cached_input_tokens": call.cached_input_tokens,
+        "cache_write_tokens": call.cache_write_tokens,
+        "output_tokens": output_tokens,
+        "cost_usd": None if cost is None else float(cost),
+        "cost_source": source,
+        "outcome": "ok" if error is None else "error",
+        "error": None if error is None else type(error).__name__,
+    }
+    if method is not None:
+        fields["tokens_method"] = method
+    if len(call.models) > 1:
+        fields["models"] = list(call.models)
+    if call.children:
+        fields["children"] = call.children
+        fields["children_cost_usd"] = float(call.children_cost)
+    return fields
+
+
+def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
+    """The one place that decides between the sync and the async wrapper."""
+    fn = spec.fn
+    layers = spec.layers
+
+    if spec.is_async:
+
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            call = CallRecord(spec, args, kwargs, _current.get())
+            token = _current.set(call)
+            try:
+                result = await (_drive_async(layers, 0, call) if layers else fn(*args, **kwargs))
+            except BaseException as exc:
+                _current.reset(token)
+                _finish(call, None, exc)
+                raise
+            _current.reset(token)
+            _finish(call, result, None)
+            return result
+
+        return async_wrapper
+
+    def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+        call = CallRecord(spec, args, kwargs, _current.get())
+        token = _current.set(call)
+        try:
+            result = _drive_sync(layers, 0, call) if layers else fn(*args, **kwargs)
+        except BaseException as exc:
+            _current.reset(token)
+            _finish(call, None, exc)
+            raise
+        _current.reset(token)
+        _finish(call, result, None)
+        return result
+
+    return sync_wrapper
+
+
+def check_options(
+    decorator: str, *, model: str | None | _Unset = UNSET, prompt: PromptFn | None | _Unset = UNSET
+) -> None:
+    """Validate the metering options every llmguard decorator takes (at decoration time)."""
+    if not isinstance(model, (_Unset, str)) and model is not None:
+        raise ConfigurationError(f"@{decorator}(model=...) must be a model name, got {model!r}")
+    if not isinstance(prompt, _Unset) and prompt is not None and not callable(prompt):
+        raise ConfigurationError(
+            f"@{decorator}(prompt=...) must be a callable taking the function's arguments and "
+            "returning the prompt text or messages"
+        )
+
+
+def guard(
+    fn: Any,
+    *,
+    decorator: str,
+    layer: Layer | None = None,
+    model: str | None | _Unset = UNSET,
+    prompt: PromptFn | None | _Unset = UNSET,
+) -> Any:
+    """Wrap ``fn`` for metering, adding ``layer`` as the new outermost policy.
+
+    If ``fn`` is already an llmguard wrapper, the result is one wrapper around the original
+    function with the layers of both. Classmethod and staticmethod objects are unwrapped and
+    rewrapped. ``decorator`` names the caller in error messages.
+    """
+    if isinstance(fn, (classmethod, staticmethod)):
+        return type(fn)(guard(fn.__func__, decorator=decorator, layer=layer, model=model, prompt=prompt))
+    if isinstance(fn, str):
+        raise ConfigurationError(
+            f"@{decorator} got the string {fn!r} where a function was expected: pass options by "
+            f"keyword, e.g. @{decorator}(model={fn!r})"
+        )
+    if not callable(fn):
+        raise ConfigurationError(f"@{decorator} must decorate a function, got {type(fn).__name__}")
+    check_options(decorator, model=model, prompt=prompt)
+    inner: FunctionSpec | None = getattr(fn, "__llmguard__", None)
+    if inner is not None and inner.wrapper is fn:  # stacked on another llmguard decorator
+        spec = FunctionSpec(**{k: getattr(inner, k) for k in FunctionSpec.__dataclass_fields__})
+        spec.wrapper = None
+    else:
+        spec = FunctionSpec.build(fn, model=None, prompt=None)
+    if not isinstance(model, _Unset):
+        spec.model = model
+    if not isinstance(prompt, _Unset):
+        spec.prompt = prompt
+    if layer is not None:
+        spec.layers = (layer, *spec.layers)
+    wrapper = _make_wrapper(spec)
+    functools.update_wrapper(wrapper, fn)
+    wrapper.__llmguard__ = spec  # type: ignore[attr-defined]
+    spec.wrapper = wrapper
+    return wrapper

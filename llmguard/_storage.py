@@ -1,0 +1,394 @@
+"""Storage backends, chosen by URI through a registry.
+
+Every policy that keeps state (cache entries, locks, rate-limit counters, budget ledgers)
+talks to a :class:`Storage`, never to diskcache or Redis directly, so a backend added with
+:func:`register_storage` serves all of them. Built in:
+
+=====================================  ===============================================
+``local`` (default), ``file:///path``,  diskcache in a folder (default: the user cache dir,
+a plain path                            mode 0700): shared by every process on the machine
+``memory://`` / ``memory://name``       a dict in this process (tests, single workers)
+``redis://``, ``rediss://``,            Redis (extra ``llmguard[redis]``): shared by
+``unix://``                             every process on every machine
+=====================================  ===============================================
+
+Values are bytes (or ints for counters). The local backend never unpickles: a value that
+is not plain data is refused, so a writable cache folder cannot be used to run code.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ._config import cache_dir, ensure_private_dir, storage_uri
+from ._errors import ConfigurationError, StorageError
+
+
+class Storage(ABC):
+    """A key-value store shared by llmguard's policies. Every operation is atomic."""
+
+    uri: str
+
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The value of ``key``, or None if absent or expired."""
+
+    @abstractmethod
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        """Store ``value``, expiring after ``ttl`` seconds (None: never)."""
+
+    @abstractmethod
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` is absent; True if stored (a lock primitive)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; True if it existed."""
+
+    @abstractmethod
+    def incr(self, key: str, delta: int = 1, ttl: float | None = None) -> int:
+        """Add ``delta`` to the integer at ``key`` (created at 0) and return the new value;
+        ``ttl`` applies when the counter is created."""
+
+    @abstractmethod
+    def clear(self, prefix: str = "") -> int:
+        """Delete every key starting with ``prefix``; returns how many."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends
+        """Release connections and files."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.uri!r}>"
+
+
+@contextmanager
+def _wrapped(uri: str, what: str) -> Iterator[None]:
+    try:
+        yield
+    except (StorageError, ConfigurationError):
+        raise
+    except Exception as exc:
+        raise StorageError(f"{what} failed: {type(exc).__name__}: {exc}", uri=uri) from exc
+
+
+class MemoryStorage(Storage):
+    """A dict in this process, with expiry; for tests and single-process apps."""
+
+    def __init__(self, uri: str = "memory://", *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.uri = uri
+        self._clock = clock
+        self._data: dict[str, tuple[Any, float | None]] = {}
+        self._lock = threading.Lock()
+
+    def _live(self, key: str) -> Any:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        if expires is not None and expires <= self._clock():
+            del self._data[key]
+            return None
+        return value
+
+    def _expiry(self, ttl: float | None) -> float | None:
+        return None if ttl is None else self._clock() + ttl
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            value = self._live(key)
+        return value if isinstance(value, bytes) or value is None else str(value).encode()
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        with self._lock:
+            self._data[key] = (bytes(value), self._expiry(ttl))
+
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        with self._lock:
+            if self._live(key) is not None:
+                return False
+            self._data[key] = (bytes(value), self._expiry(ttl))
+            return True
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            return self._data.pop(key, None) is not None
+
+    def incr(self, key: str, delta: int = 1, ttl: float | None = None) -> int:
+        with self._lock:
+            current = self._live(key)
+            if current is None:
+                value, expires = delta, self._expiry(ttl)
+            else:
+                value, expires = int(current) + delta, self._data[key][1]
+            self._data[key] = (value, expires)
+            return value
+
+    def clear(self, prefix: str = "") -> int:
+        with self._lock:
+            doomed = [k for k in self._data if k.startswith(prefix)]
+            for key in doomed:
+                del self._data[key]
+            return len(doomed)
+
+
+def _safe_disk() -> type:
+    import diskcache
+
+    class SafeDisk(diskcache.Disk):  # type: ignore[misc]
+        """diskcache's Disk, minus pickle: only bytes, str, int and float go in or come out."""
+
+        def store(self, value: Any, read: bool, key: Any = diskcache.UNKNOWN) -> Any:
+            if not read and type(value) not in (bytes, str, int, float):
+                raise TypeError(f"llmguard's local storage keeps plain data only, not {type(value).__name__}")
+            return super().store(value, read, key=key)
+
+        def fetch(self, mode: int, filename: str, value: Any, read: bool) -> Any:
+            if mode == diskcache.core.MODE_PICKLE:
+                raise StorageError(
+                    "refusing to unpickle a value found in the cache folder (it was not written by "
+                    "llmguard's storage); delete the folder if you did not put it there",
+                    uri=self._directory,
+                )
+            return super().fetch(mode, filename, value, read)
+
+    return SafeDisk
+
+
+class LocalStorage(Storage):
+    """diskcache in a folder: atomic across every process on this machine, no server."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory).expanduser()
+        self.uri = f"file://{self.directory}"
+        self._cache: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def cache(self) -> Any:
+        """The underlying ``diskcache.Cache``, opened on first use."""
+        if self._cache is None:
+            with self._lock:
+                if self._cache is None:
+                    import diskcache
+
+                    with _wrapped(self.uri, "opening the cache folder"):
+                        ensure_private_dir(self.directory)
+                        self._cache = diskcache.Cache(
+                            str(self.directory), disk=_safe_disk(), timeout=60, size_limit=2**32
+                        )
+        return self._cache
+
+    def get(self, key: str) -> bytes | None:
+        with _wrapped(self.uri, "get"):
+            value = self.cache.get(key)
+        if value is None or isinstance(value, bytes):
+            return value
+        return str(value).encode()
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        with _wrapped(self.uri, "set"):
+            self.cache.set(key, bytes(value), expire=ttl)
+
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        with _wrapped(self.uri, "add"):
+            return bool(self.cache.add(key, bytes(value), expire=ttl))
+
+    def delete(self, key: str) -> bool:
+        with _wrapped(self.uri, "delete"):
+            return bool(self.cache.delete(key))
+
+    def incr(self, key: str, delta: int = 1, ttl: float | None = None) -> int:
+        with _wrapped(self.uri, "incr"):
+            cache = self.cache
+            if ttl is None:
+                return int(cache.incr(key, delta, default=0))
+            with cache.transact():
+                created = cache.get(key) is None
+                value = int(cache.incr(key, delta, default=0))
+                if created:
+                    cache.touch(key, expire=ttl)
+                return value
+
+    def clear(self, prefix: str = "") -> int:
+        with _wrapped(self.uri, "clear"):
+            if not prefix:
+                return int(self.cache.clear())
+            removed = 0
+            for key in list(self.cache.iterkeys()):
+                if isinstance(key, str) and key.startswith(prefix) and self.cache.delete(key):
+                    removed += 1
+            return removed
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+
+_INCR_WITH_TTL = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+if value == tonumber(ARGV[1]) and ARGV[2] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return value
+"""
+
+
+class RedisStorage(Storage):
+    """Redis: shared by every process on every machine that uses the same URI."""
+
+    def __init__(self, uri: str) -> None:
+        try:
+            import redis
+        except ImportError:
+            raise ConfigurationError(
+                f"storage {uri!r} needs the redis package: pip install 'llmguard[redis]'"
+            ) from None
+        self.uri = uri
+        self.client = redis.Redis.from_url(uri, socket_timeout=5, socket_connect_timeout=5)
+        self._incr = self.client.register_script(_INCR_WITH_TTL)
+
+    @staticmethod
+    def _ms(ttl: float | None) -> int | None:
+        return None if ttl is None else max(1, int(ttl * 1000))
+
+    def get(self, key: str) -> bytes | None:
+        with _wrapped(self.uri, "get"):
+            value = self.client.get(key)
+        return None if value is None else bytes(value)
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        with _wrapped(self.uri, "set"):
+            self.client.set(key, value, px=self._ms(ttl))
+
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        with _wrapped(self.uri, "add"):
+            return bool(self.client.set(key, value, px=self._ms(ttl), nx=True))
+
+    def delete(self, key: str) -> bool:
+        with _wrapped(self.uri, "delete"):
+            return bool(self.client.delete(key))
+
+    def incr(self, key: str, delta: int = 1, ttl: float | None = None) -> int:
+        with _wrapped(self.uri, "incr"):
+            ms = self._ms(ttl)
+            return int(self._incr(keys=[key], args=[delta, "" if ms is None else ms]))
+
+    def clear(self, prefix: str = "") -> int:
+        with _wrapped(self.uri, "clear"):
+            removed = 0
+            batch: list[Any] = []
+            for key in self.client.scan_iter(match=_redis_glob_escape(prefix) + "*", count=500):
+                batch.append(key)
+                if len(batch) == 500:
+                    removed += int(self.client.delete(*batch))
+                    batch.clear()
+            if batch:
+                removed += int(self.client.delete(*batch))
+            return removed
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _redis_glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def _local_from_uri(uri: str) -> Storage:
+    if uri in ("local", "disk", "local://", "disk://"):
+        return LocalStorage(cache_dir())
+    if uri.startswith("file://"):
+        parts = urlsplit(uri)
+        path = unquote(parts.netloc + parts.path)
+        if not path:
+            raise ConfigurationError(f"storage {uri!r} names no folder: use file:///absolute/path")
+        return LocalStorage(path)
+    return LocalStorage(uri)
+
+
+_registry: dict[str, Callable[[str], Storage]] = {
+    "local": _local_from_uri,
+    "disk": _local_from_uri,
+    "file": _local_from_uri,
+    "memory": MemoryStorage,
+    "redis": RedisStorage,
+    "rediss": RedisStorage,
+    "unix": RedisStorage,
+}
+_open: dict[str, Storage] = {}
+_open_lock = threading.Lock()
+
+
+def register_storage(scheme: str, factory: Callable[[str], Storage]) -> None:
+    """Make ``scheme://...`` URIs open ``factory(uri)`` everywhere llmguard takes storage."""
+    if not scheme.isidentifier():
+        raise ConfigurationError(f"storage scheme must be a simple name, got {scheme!r}")
+    _registry[scheme] = factory
+
+
+def _scheme(uri: str) -> str:
+    if "://" in uri:
+        return uri.split("://", 1)[0].lower()
+    if uri in ("local", "disk"):
+        return uri
+    return "file"  # a plain folder path
+
+
+def validate_uri(uri: str) -> str:
+    """Check a storage URI at configuration time; returns it."""
+    if not isinstance(uri, str) or not uri:
+        raise ConfigurationError(f"storage must be a URI string, got {uri!r}")
+    scheme = _scheme(uri)
+    if scheme not in _registry:
+        known = ", ".join(sorted(f"{s}://" for s in _registry))
+        raise ConfigurationError(f"unknown storage scheme in {uri!r}: use one of {known}, or a folder path")
+    if _registry[scheme] is RedisStorage:
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise ConfigurationError(
+                f"storage {uri!r} needs the redis package: pip install 'llmguard[redis]'"
+            ) from None
+    return uri
+
+
+def open_storage(uri: str | None = None) -> Storage:
+    """The storage for ``uri`` (default: the configured one), one instance per URI per process."""
+    chosen = uri or storage_uri()
+    storage = _open.get(chosen)
+    if storage is None:
+        with _open_lock:
+            storage = _open.get(chosen)
+            if storage is None:
+                validate_uri(chosen)
+                storage = _registry[_scheme(chosen)](chosen)
+                _open[chosen] = storage
+    return storage
+
+
+def close_storages() -> None:
+    """Close and forget every storage opened in this process."""
+    with _open_lock:
+        for storage in _open.values():
+            try:
+                storage.close()
+            except Exception:
+                pass
+        _open.clear()
+
+
+def _after_fork() -> None:  # connections and file handles are not shared with a child
+    _open.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)

@@ -1,0 +1,54 @@
+"""``@track``: meter and log a function's calls, no policy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar, overload
+
+from ._config import UNSET, _Unset
+from ._pipeline import PromptFn, check_options, guard
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@overload
+def track(fn: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def track(
+    *,
+    model: str | None | _Unset = ...,
+    prompt: PromptFn | None | _Unset = ...,
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def track(
+    fn: Any = None,
+    /,
+    *,
+    model: str | None | _Unset = UNSET,
+    prompt: PromptFn | None | _Unset = UNSET,
+) -> Any:
+    """Meter every call of the decorated function and log one ``llm_call`` event.
+
+    ``model`` is the model to assume when neither a ``model`` argument nor the return value
+    says which one was used. ``prompt`` replaces what counts as the prompt for estimates:
+    a callable taking the function's arguments and returning the prompt text or a list of
+    chat messages. Works bare or called, on sync and async functions and methods::
+
+        @llmguard.track
+        def ask(question: str, *, model: str = "gpt-4o-mini") -> str: ...
+
+        @llmguard.track(model="gpt-4o", prompt=lambda doc, **_: doc.body)
+        async def summarize(doc: Document) -> str: ...
+    """
+    if fn is None:
+        check_options("track", model=model, prompt=prompt)
+
+        def decorate(func: Callable[P, R]) -> Callable[P, R]:
+            return guard(func, decorator="track", model=model, prompt=prompt)  # type: ignore[no-any-return]
+
+        return decorate
+    return guard(fn, decorator="track", model=model, prompt=prompt)

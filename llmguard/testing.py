@@ -1,0 +1,12 @@
+"""Test helpers for applications that use llmguard.
+
+- :func:`capture_calls`: collect llmguard's events in a test.
+- :class:`FakeLLMServer`: an OpenAI/Anthropic-compatible server on loopback.
+- The pytest fixture ``fake_llm`` (a running :class:`FakeLLMServer`) is registered
+  automatically when llmguard is installed.
+"""
+
+from ._fake_server import FakeLLMServer, FakeRequest, default_reply
+from ._testing import CapturedEvents, capture_calls
+
+__all__ = ["CapturedEvents", "FakeLLMServer", "FakeRequest", "capture_calls", "default_reply"]

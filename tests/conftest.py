@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_SHARED_TIKTOKEN = Path(__file__).resolve().parents[1].parent / "shared" / "tiktoken-cache"
+if _SHARED_TIKTOKEN.is_dir() and "TIKTOKEN_CACHE_DIR" not in os.environ:
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_SHARED_TIKTOKEN)
+
+import llmguard  # noqa: E402
+from llmguard import _config, _events, _prices, _storage  # noqa: E402
+from llmguard.testing import CapturedEvents, capture_calls  # noqa: E402
+
+REDIS_URI = os.environ.get("LLMGUARD_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test gets its own cache folder, default settings, prices and warnings."""
+    monkeypatch.setenv("LLMGUARD_CACHE_DIR", str(tmp_path / "llmguard-cache"))
+    monkeypatch.delenv("LLMGUARD_STORAGE", raising=False)
+    _config.reset_configuration()
+    _prices.reset_prices()
+    _events.reset_warnings()
+    yield
+    _storage.close_storages()
+    _config.reset_configuration()
+    _prices.reset_prices()
+
+
+@pytest.fixture
+def events() -> Iterator[CapturedEvents]:
+    with capture_calls() as captured:
+        yield captured
+
+
+def redis_available() -> bool:
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URI, socket_connect_timeout=1).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def redis_uri() -> Iterator[str]:
+    """The test Redis (database 15), emptied before and after; in CI a missing Redis fails."""
+    if not redis_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is not answering at {REDIS_URI} (CI must start one)")
+        pytest.skip(f"no Redis at {REDIS_URI}")
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URI)
+    client.flushdb()
+    yield REDIS_URI
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    """Run a test body once with sync and once with async decorated functions."""
+    return str(request.param)
+
+
+def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a decorated function, sync or async, and return its result."""
+    if inspect.iscoroutinefunction(fn):
+        return asyncio.run(fn(*args, **kwargs))
+    return fn(*args, **kwargs)
+
+
+def make(flavour: str, body: Any, **decorator_options: Any) -> Any:
+    """``body`` (a plain function) as a sync or async function decorated with ``@track``."""
+    if flavour == "sync":
+
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            return body(*args, **kwargs)
+
+    else:
+
+        async def fn(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            return body(*args, **kwargs)
+
+    fn.__signature__ = inspect.signature(body)  # type: ignore[attr-defined]
+    fn.__qualname__ = body.__qualname__
+    fn.__module__ = body.__module__
+    return llmguard.track(**decorator_options)(fn) if decorator_options else llmguard.track(fn)
