@@ -29,7 +29,10 @@ def _price_json(value: PerMTok | None) -> Any:
     if value is None:
         return None
     if isinstance(value, Tiered):
-        return {"base": str(value.base), "tiers": [{"above": s, "price": str(p)} for s, p in value.tiers]}
+        return {
+            "base": str(value.base),
+            "tiers": [{"above": s, "price": str(p)} for s, p in value.tiers],
+        }
     return str(value)
 
 
@@ -40,7 +43,10 @@ def _cmd_prices(args: argparse.Namespace) -> int:
         price = get_price(model)
         if price is None:
             missing += 1
-            print(f"llmguard: no price known for {model!r}; add one with llmguard.set_price()", file=sys.stderr)
+            print(
+                f"llmguard: no price known for {model!r}; add one with llmguard.set_price()",
+                file=sys.stderr,
+            )
             continue
         rows.append(
             {
@@ -53,7 +59,10 @@ def _cmd_prices(args: argparse.Namespace) -> int:
             }
         )
     if args.format == "json":
-        out = [{k: (_price_json(v) if k.endswith("mtok") else v) for k, v in row.items()} for row in rows]
+        out = [
+            {k: (_price_json(v) if k.endswith("mtok") else v) for k, v in row.items()}
+            for row in rows
+        ]
         json.dump(out, sys.stdout, indent=2)
         print()
     elif rows:
@@ -72,7 +81,11 @@ def _cmd_prices(args: argparse.Namespace) -> int:
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         print("USD per million tokens")
         for row in table:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+            print(
+                "  ".join(
+                    cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+                ).rstrip()
+            )
     return EXIT_NOT_FOUND if missing else EXIT_OK
 
 
@@ -97,7 +110,9 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
                 "tokens": int(tokens),
                 "method": tokens.method,
                 "estimate": tokens.estimate,
-                "input_cost_usd": None if cost is None else str(cost.normalize() if cost else Decimal(0)),
+                "input_cost_usd": None
+                if cost is None
+                else str(cost.normalize() if cost else Decimal(0)),
             }
         )
     if args.format == "json":
@@ -105,7 +120,11 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
         print()
     else:
         for r in results:
-            cost_text = "price unknown" if r["input_cost_usd"] is None else f"${r['input_cost_usd']} as input"
+            cost_text = (
+                "price unknown"
+                if r["input_cost_usd"] is None
+                else f"${r['input_cost_usd']} as input"
+            )
             label = " (estimate)" if r["estimate"] else ""
             print(f"{r['model']}: {r['tokens']} tokens{label}, {cost_text}")
     return EXIT_OK
@@ -121,13 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     prices = sub.add_parser("prices", help="show models' prices (genai-prices, plus overrides)")
-    prices.add_argument("models", nargs="+", metavar="MODEL", help="model names, e.g. gpt-4o claude-3-5-haiku-latest")
+    prices.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="model names, e.g. gpt-4o claude-3-5-haiku-latest",
+    )
     prices.add_argument("--format", choices=("table", "json"), default="table")
     prices.set_defaults(run=_cmd_prices)
 
     tokens = sub.add_parser("tokens", help="count the tokens of a text file (or - for stdin)")
     tokens.add_argument("file", metavar="FILE", help="a text file, or - to read standard input")
-    tokens.add_argument("--model", action="append", help="model to count for (repeatable; default gpt-4o)")
+    tokens.add_argument(
+        "--model", action="append", help="model to count for (repeatable; default gpt-4o)"
+    )
     tokens.add_argument("--format", choices=("table", "json"), default="table")
     tokens.set_defaults(run=_cmd_tokens)
     return parser

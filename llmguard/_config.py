@@ -44,8 +44,8 @@ _settings = _Settings()
 
 def configure(
     *,
-    storage: str | None | _Unset = UNSET,
-    cache_dir: str | os.PathLike[str] | None | _Unset = UNSET,
+    storage: str | _Unset | None = UNSET,
+    cache_dir: str | os.PathLike[str] | _Unset | None = UNSET,
 ) -> None:
     """Set process-wide defaults for every llmguard decorator.
 
@@ -99,5 +99,7 @@ def ensure_private_dir(path: Path) -> Path:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError as exc:
-        raise ConfigurationError(f"{path} exists and is not a folder: choose another cache_dir") from exc
+        raise ConfigurationError(
+            f"{path} exists and is not a folder: choose another cache_dir"
+        ) from exc
     return path

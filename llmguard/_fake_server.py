@@ -111,7 +111,11 @@ class FakeLLMServer:
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="llmguard-fake-llm", daemon=True)
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="llmguard-fake-llm",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -134,7 +138,9 @@ class FakeLLMServer:
     @property
     def url(self) -> str:
         if self._server is None:
-            raise RuntimeError("the fake server is not running: use it as a context manager or call start()")
+            raise RuntimeError(
+                "the fake server is not running: use it as a context manager or call start()"
+            )
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
@@ -201,7 +207,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/").endswith("/messages"):
             self._send(status, {"type": "error", "error": {"type": kind, "message": message}})
         else:
-            self._send(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+            self._send(
+                status, {"error": {"message": message, "type": kind, "param": None, "code": None}}
+            )
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -212,7 +220,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, "request body is not JSON")
             return
         headers = {
-            k.lower(): ("<redacted>" if k.lower() in _REDACTED_HEADERS else v) for k, v in self.headers.items()
+            k.lower(): ("<redacted>" if k.lower() in _REDACTED_HEADERS else v)
+            for k, v in self.headers.items()
         }
         path = self.path.split("?", 1)[0].rstrip("/")
         request = FakeRequest("POST", path, headers, body if isinstance(body, dict) else {})
@@ -247,7 +256,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chat(self, request: FakeRequest) -> None:
         body, model = request.body, request.model or ""
-        prompt = int(count_message_tokens(body.get("messages") or [], model, tools=body.get("tools")))
+        prompt = int(
+            count_message_tokens(body.get("messages") or [], model, tools=body.get("tools"))
+        )
         text, completion = self._reply(request)
         cached = self._cached(request, prompt)
         n = next(self.options.ids)
@@ -280,7 +291,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _responses(self, request: FakeRequest) -> None:
         body, model = request.body, request.model or ""
         items = body.get("input")
-        messages = [{"role": "user", "content": items}] if isinstance(items, str) else list(items or [])
+        messages = (
+            [{"role": "user", "content": items}] if isinstance(items, str) else list(items or [])
+        )
         if body.get("instructions"):
             messages.insert(0, {"role": "system", "content": body["instructions"]})
         prompt = int(count_message_tokens(messages, model))

@@ -37,7 +37,7 @@ from ._config import UNSET, _Unset
 from ._errors import ConfigurationError
 from ._events import emit, warn_once
 from ._prices import get_price
-from ._tokens import count_message_tokens, count_tokens, counter_for
+from ._tokens import count_message_tokens, counter_for
 from ._usage import Usage, usage_from_response
 
 _current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
@@ -158,10 +158,13 @@ class FunctionSpec:
     wrapper: Callable[..., Any] | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, fn: Callable[..., Any], *, model: str | None, prompt: PromptFn | None) -> FunctionSpec:
+    def build(
+        cls, fn: Callable[..., Any], *, model: str | None, prompt: PromptFn | None
+    ) -> FunctionSpec:
         spec = cls(
             fn=fn,
-            name=f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', repr(fn))}",
+            name=f"{getattr(fn, '__module__', None) or '?'}."
+            f"{getattr(fn, '__qualname__', repr(fn))}",
             is_async=inspect.iscoroutinefunction(fn),
             model=model,
             prompt=prompt,
@@ -193,6 +196,8 @@ class CallRecord:
 
     __slots__ = (
         "args",
+        "cache_write_tokens",
+        "cached_input_tokens",
         "call_id",
         "children",
         "children_cost",
@@ -200,8 +205,6 @@ class CallRecord:
         "cost_known",
         "fields",
         "input_tokens",
-        "cached_input_tokens",
-        "cache_write_tokens",
         "kwargs",
         "models",
         "output_tokens",
@@ -213,7 +216,11 @@ class CallRecord:
     )
 
     def __init__(
-        self, spec: FunctionSpec, args: tuple[Any, ...], kwargs: dict[str, Any], parent: CallRecord | None
+        self,
+        spec: FunctionSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        parent: CallRecord | None,
     ) -> None:
         self.spec = spec
         self.args = args
@@ -223,7 +230,9 @@ class CallRecord:
         self.fields: dict[str, Any] = {}
         self.reported = False
         self.reported_ids: list[int] = []
-        self.input_tokens = self.output_tokens = self.cached_input_tokens = self.cache_write_tokens = 0
+        self.input_tokens = self.output_tokens = self.cached_input_tokens = (
+            self.cache_write_tokens
+        ) = 0
         self.models: list[str] = []
         self.cost = _ZERO
         self.cost_known = True
@@ -255,7 +264,9 @@ class CallRecord:
         """Add fields to this call's ``llm_call`` event."""
         self.fields.update(fields)
 
-    def add_usage(self, usage: Usage, *, cost_usd: Decimal | None = None, source: object = None) -> None:
+    def add_usage(
+        self, usage: Usage, *, cost_usd: Decimal | None = None, source: object = None
+    ) -> None:
         """Add one provider call's real usage (several are summed) and its cost.
 
         ``cost_usd`` is the provider's own figure when it reports one; otherwise the cost is
@@ -277,7 +288,10 @@ class CallRecord:
                 self.cost_known = False
                 return
             cost_usd = price.cost(
-                usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.cache_write_tokens
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cached_input_tokens,
+                usage.cache_write_tokens,
             )
         self.cost += cost_usd
 
@@ -326,7 +340,12 @@ def _finish(call: CallRecord, result: Any, error: BaseException | None) -> None:
     try:
         fields = _event_fields(call, result, error)
     except Exception as exc:  # metering must never break the caller's call
-        warn_once(call.spec.name, "llmguard_internal_error", function=call.spec.name, error=repr(exc)[:300])
+        warn_once(
+            call.spec.name,
+            "llmguard_internal_error",
+            function=call.spec.name,
+            error=repr(exc)[:300],
+        )
         return
     fields["latency_ms"] = latency_ms
     fields.update(call.fields)
@@ -434,7 +453,7 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
 
 
 def check_options(
-    decorator: str, *, model: str | None | _Unset = UNSET, prompt: PromptFn | None | _Unset = UNSET
+    decorator: str, *, model: str | _Unset | None = UNSET, prompt: PromptFn | _Unset | None = UNSET
 ) -> None:
     """Validate the metering options every llmguard decorator takes (at decoration time)."""
     if not isinstance(model, (_Unset, str)) and model is not None:
@@ -451,8 +470,8 @@ def guard(
     *,
     decorator: str,
     layer: Layer | None = None,
-    model: str | None | _Unset = UNSET,
-    prompt: PromptFn | None | _Unset = UNSET,
+    model: str | _Unset | None = UNSET,
+    prompt: PromptFn | _Unset | None = UNSET,
 ) -> Any:
     """Wrap ``fn`` for metering, adding ``layer`` as the new outermost policy.
 
@@ -461,7 +480,9 @@ def guard(
     rewrapped. ``decorator`` names the caller in error messages.
     """
     if isinstance(fn, (classmethod, staticmethod)):
-        return type(fn)(guard(fn.__func__, decorator=decorator, layer=layer, model=model, prompt=prompt))
+        return type(fn)(
+            guard(fn.__func__, decorator=decorator, layer=layer, model=model, prompt=prompt)
+        )
     if isinstance(fn, str):
         raise ConfigurationError(
             f"@{decorator} got the string {fn!r} where a function was expected: pass options by "

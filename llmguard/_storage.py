@@ -82,7 +82,9 @@ def _wrapped(uri: str, what: str) -> Iterator[None]:
 class MemoryStorage(Storage):
     """A dict in this process, with expiry; for tests and single-process apps."""
 
-    def __init__(self, uri: str = "memory://", *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, uri: str = "memory://", *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.uri = uri
         self._clock = clock
         self._data: dict[str, tuple[Any, float | None]] = {}
@@ -147,7 +149,9 @@ def _safe_disk() -> type:
 
         def store(self, value: Any, read: bool, key: Any = diskcache.UNKNOWN) -> Any:
             if not read and type(value) not in (bytes, str, int, float):
-                raise TypeError(f"llmguard's local storage keeps plain data only, not {type(value).__name__}")
+                raise TypeError(
+                    f"llmguard's local storage keeps plain data only, not {type(value).__name__}"
+                )
             return super().store(value, read, key=key)
 
         def fetch(self, mode: int, filename: str, value: Any, read: bool) -> Any:
@@ -262,7 +266,7 @@ class RedisStorage(Storage):
 
     def get(self, key: str) -> bytes | None:
         with _wrapped(self.uri, "get"):
-            value = self.client.get(key)
+            value: Any = self.client.get(key)
         return None if value is None else bytes(value)
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
@@ -350,7 +354,9 @@ def validate_uri(uri: str) -> str:
     scheme = _scheme(uri)
     if scheme not in _registry:
         known = ", ".join(sorted(f"{s}://" for s in _registry))
-        raise ConfigurationError(f"unknown storage scheme in {uri!r}: use one of {known}, or a folder path")
+        raise ConfigurationError(
+            f"unknown storage scheme in {uri!r}: use one of {known}, or a folder path"
+        )
     if _registry[scheme] is RedisStorage:
         try:
             import redis  # noqa: F401

@@ -17,7 +17,18 @@ from ._events import warn_once
 
 # Prefixes of OpenAI model names tiktoken may not know yet: counted with o200k_base and
 # still treated as exact (OpenAI's current models all use it).
-_OPENAI_PREFIXES = ("gpt-", "o1", "o3", "o4", "chatgpt-", "ft:gpt-", "gpt4", "text-", "davinci", "babbage")
+_OPENAI_PREFIXES = (
+    "gpt-",
+    "o1",
+    "o3",
+    "o4",
+    "chatgpt-",
+    "ft:gpt-",
+    "gpt4",
+    "text-",
+    "davinci",
+    "babbage",
+)
 _DEFAULT_ENCODING = "o200k_base"
 _CHARS_PER_TOKEN = 4
 

@@ -19,8 +19,8 @@ def track(fn: Callable[P, R], /) -> Callable[P, R]: ...
 @overload
 def track(
     *,
-    model: str | None | _Unset = ...,
-    prompt: PromptFn | None | _Unset = ...,
+    model: str | _Unset | None = ...,
+    prompt: PromptFn | _Unset | None = ...,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -28,8 +28,8 @@ def track(
     fn: Any = None,
     /,
     *,
-    model: str | None | _Unset = UNSET,
-    prompt: PromptFn | None | _Unset = UNSET,
+    model: str | _Unset | None = UNSET,
+    prompt: PromptFn | _Unset | None = UNSET,
 ) -> Any:
     """Meter every call of the decorated function and log one ``llm_call`` event.
 

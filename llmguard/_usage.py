@@ -65,7 +65,9 @@ def usage_from_usage_object(usage: Any, model: str | None = None) -> Usage | Non
     cache_read = _int(_get(usage, "cache_read_input_tokens"))
     cache_write = _int(_get(usage, "cache_creation_input_tokens"))
     # Anthropic: input_tokens counts only the uncached part.
-    return Usage(input_tokens + cache_read + cache_write, output_tokens, cache_read, cache_write, model)
+    return Usage(
+        input_tokens + cache_read + cache_write, output_tokens, cache_read, cache_write, model
+    )
 
 
 def usage_from_response(response: Any) -> Usage | None:

@@ -11,9 +11,13 @@ import pytest
 from llmguard.testing import FakeLLMServer, FakeRequest
 
 
-def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+def post(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **(headers or {})}
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -24,7 +28,9 @@ def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) 
 
 def test_request_log_echoes_model_and_redacts_keys(fake_llm: FakeLLMServer) -> None:
     client = fake_llm.openai_client(api_key="sk-very-secret")
-    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
     assert reply.model == "gpt-4o-mini"
     [request] = fake_llm.requests
     assert request.path == "/v1/chat/completions"
@@ -43,9 +49,13 @@ def test_deterministic_custom_reply_and_latency() -> None:
     with FakeLLMServer(reply=reply, latency=0.05) as fake:
         client = fake.openai_client()
         started = time.perf_counter()
-        first = client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "a"}])
+        first = client.chat.completions.create(
+            model="gpt-4", messages=[{"role": "user", "content": "a"}]
+        )
         elapsed = time.perf_counter() - started
-        second = client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "a"}])
+        second = client.chat.completions.create(
+            model="gpt-4", messages=[{"role": "user", "content": "a"}]
+        )
     assert first.choices[0].message.content == second.choices[0].message.content == "model=gpt-4"
     assert elapsed >= 0.05
 
@@ -54,7 +64,9 @@ def test_errors_in_each_api_format(fake_llm: FakeLLMServer) -> None:
     status, body = post(f"{fake_llm.url}/v1/nowhere", {"model": "gpt-4o"})
     assert status == 404
     assert "nowhere" in body["error"]["message"]
-    status, body = post(f"{fake_llm.url}/v1/messages", {"model": "claude-3-5-haiku-latest", "messages": []})
+    status, body = post(
+        f"{fake_llm.url}/v1/messages", {"model": "claude-3-5-haiku-latest", "messages": []}
+    )
     assert status == 400
     assert body["type"] == "error"
     assert "max_tokens" in body["error"]["message"]

@@ -17,13 +17,17 @@ MESSAGES = [
 ]
 
 
-def cost(model: str, input_tokens: int, output_tokens: int, cached: int = 0, write: int = 0) -> float:
+def cost(
+    model: str, input_tokens: int, output_tokens: int, cached: int = 0, write: int = 0
+) -> float:
     value = llmguard.calc_cost(model, input_tokens, output_tokens, cached, write)
     assert value is not None
     return float(value)
 
 
-def test_openai_chat_sync_returns_text_usage_is_real(fake_llm: FakeLLMServer, events: CapturedEvents) -> None:
+def test_openai_chat_sync_returns_text_usage_is_real(
+    fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
     client = llmguard.instrument(fake_llm.openai_client())
 
     @llmguard.track
@@ -36,12 +40,18 @@ def test_openai_chat_sync_returns_text_usage_is_real(fake_llm: FakeLLMServer, ev
     [event] = events.calls
     prompt = llmguard.count_message_tokens(MESSAGES, "gpt-4o-mini")
     completion = llmguard.count_tokens(text, "gpt-4o-mini")
-    assert (event["model"], event["input_tokens"], event["output_tokens"]) == ("gpt-4o-mini", prompt, completion)
+    assert (event["model"], event["input_tokens"], event["output_tokens"]) == (
+        "gpt-4o-mini",
+        prompt,
+        completion,
+    )
     assert event["cost_source"] == "usage"
     assert event["cost_usd"] == cost("gpt-4o-mini", prompt, completion)
 
 
-def test_openai_chat_async_two_calls_summed(fake_llm: FakeLLMServer, events: CapturedEvents) -> None:
+def test_openai_chat_async_two_calls_summed(
+    fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
     async def main() -> str:
         client = llmguard.instrument(fake_llm.openai_client(async_client=True))
 
@@ -56,13 +66,17 @@ def test_openai_chat_async_two_calls_summed(fake_llm: FakeLLMServer, events: Cap
     asyncio.run(main())
     [event] = events.calls
     prompt = llmguard.count_message_tokens(MESSAGES, "gpt-4o")
-    completion = llmguard.count_tokens("Fake reply about: Explain prompt caching in one sentence please.", "gpt-4o")
+    completion = llmguard.count_tokens(
+        "Fake reply about: Explain prompt caching in one sentence please.", "gpt-4o"
+    )
     assert event["input_tokens"] == 2 * prompt
     assert event["output_tokens"] == 2 * completion
     assert Decimal(str(event["cost_usd"])) == 2 * llmguard.calc_cost("gpt-4o", prompt, completion)  # type: ignore[operator]
 
 
-def test_returning_the_response_is_not_counted_twice(fake_llm: FakeLLMServer, events: CapturedEvents) -> None:
+def test_returning_the_response_is_not_counted_twice(
+    fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
     client = llmguard.instrument(fake_llm.openai_client())
 
     @llmguard.track
@@ -73,7 +87,9 @@ def test_returning_the_response_is_not_counted_twice(fake_llm: FakeLLMServer, ev
     assert events.calls[0]["input_tokens"] == response.usage.prompt_tokens
 
 
-def test_openai_response_object_without_instrument(fake_llm: FakeLLMServer, events: CapturedEvents) -> None:
+def test_openai_response_object_without_instrument(
+    fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
     fake = FakeLLMServer(cached_tokens=16).start()
     try:
         client = fake.openai_client()
@@ -88,16 +104,24 @@ def test_openai_response_object_without_instrument(fake_llm: FakeLLMServer, even
     [event] = events.calls
     usage = response.usage
     assert event["cached_input_tokens"] == 16
-    assert event["cost_usd"] == cost("gpt-4o", usage.prompt_tokens, usage.completion_tokens, cached=16)
+    assert event["cost_usd"] == cost(
+        "gpt-4o", usage.prompt_tokens, usage.completion_tokens, cached=16
+    )
 
 
-def test_openai_responses_api(flavour: str, fake_llm: FakeLLMServer, events: CapturedEvents) -> None:
+def test_openai_responses_api(
+    flavour: str, fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
     if flavour == "sync":
         client = llmguard.instrument(fake_llm.openai_client())
 
         @llmguard.track
         def ask(question: str) -> str:
-            return str(client.responses.create(model="gpt-4o", input=question, instructions="Be brief.").output_text)
+            return str(
+                client.responses.create(
+                    model="gpt-4o", input=question, instructions="Be brief."
+                ).output_text
+            )
 
         text = ask("What is a token?")
     else:
@@ -157,7 +181,10 @@ def test_anthropic_messages(flavour: str, events: CapturedEvents) -> None:
     assert text == "Fake reply about: Why cache prompts?"
     [event] = events.calls
     prompt = llmguard.count_message_tokens(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why cache prompts?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Why cache prompts?"},
+        ],
         "claude-3-5-haiku-latest",
     )
     assert event["model"] == "claude-3-5-haiku-latest"
@@ -166,19 +193,27 @@ def test_anthropic_messages(flavour: str, events: CapturedEvents) -> None:
     assert event["cost_usd"] == cost("claude-3-5-haiku-latest", prompt, completion, cached=10)
 
 
-def test_calls_outside_a_decorated_function_are_untouched(fake_llm: FakeLLMServer, events: CapturedEvents) -> None:
+def test_calls_outside_a_decorated_function_are_untouched(
+    fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
     client = llmguard.instrument(llmguard.instrument(fake_llm.openai_client()))
     reply = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert reply.usage is not None
     assert events.calls == []
 
 
-def test_nested_decorated_call_gets_the_usage(fake_llm: FakeLLMServer, events: CapturedEvents) -> None:
+def test_nested_decorated_call_gets_the_usage(
+    fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
     client = llmguard.instrument(fake_llm.openai_client())
 
     @llmguard.track
     def inner(question: str) -> str:
-        return str(client.chat.completions.create(model="gpt-4o", messages=MESSAGES).choices[0].message.content)
+        return str(
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            .choices[0]
+            .message.content
+        )
 
     @llmguard.track
     def outer(question: str) -> str:

@@ -30,13 +30,18 @@ def test_one_event_with_the_documented_fields(flavour: str, events: CapturedEven
     expected_out = llmguard.count_tokens("A short summary.", "gpt-4o")
     assert event["event"] == "llm_call"
     assert event["log_level"] == "info"
-    assert event["function"] == f"{__name__}.test_one_event_with_the_documented_fields.<locals>.summarize"
+    assert (
+        event["function"]
+        == f"{__name__}.test_one_event_with_the_documented_fields.<locals>.summarize"
+    )
     assert event["model"] == "gpt-4o"
     assert (event["input_tokens"], event["output_tokens"]) == (expected_in, expected_out)
     assert event["cached_input_tokens"] == 0
     assert event["cost_source"] == "estimate"
     assert event["tokens_method"] == "tiktoken:o200k_base"
-    assert Decimal(str(event["cost_usd"])) == llmguard.calc_cost("gpt-4o", expected_in, expected_out)
+    assert Decimal(str(event["cost_usd"])) == llmguard.calc_cost(
+        "gpt-4o", expected_in, expected_out
+    )
     assert (event["outcome"], event["error"], event["parent_id"]) == ("ok", None, None)
     assert len(event["call_id"]) == 16
     assert event["latency_ms"] >= 0
@@ -82,9 +87,13 @@ def test_all_string_arguments_but_the_model_count(flavour: str, events: Captured
 
 
 def test_prompt_override(flavour: str, events: CapturedEvents) -> None:
-    fn = make(flavour, lambda doc, ignored: "", model="gpt-4o", prompt=lambda doc, ignored: doc["body"])
+    fn = make(
+        flavour, lambda doc, ignored: "", model="gpt-4o", prompt=lambda doc, ignored: doc["body"]
+    )
     call(fn, {"body": "the real prompt text"}, "not the prompt " * 50)
-    assert events.calls[0]["input_tokens"] == llmguard.count_tokens("the real prompt text", "gpt-4o")
+    assert events.calls[0]["input_tokens"] == llmguard.count_tokens(
+        "the real prompt text", "gpt-4o"
+    )
     msgs = [{"role": "user", "content": "hi"}]
     fn2 = make(flavour, lambda x: "", model="gpt-4o", prompt=lambda x: msgs)
     call(fn2, 1)
@@ -94,13 +103,21 @@ def test_prompt_override(flavour: str, events: CapturedEvents) -> None:
 def test_usage_from_return_value_wins(flavour: str, events: CapturedEvents) -> None:
     response = {
         "model": "gpt-4o-2024-08-06",
-        "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "prompt_tokens_details": {"cached_tokens": 600}},
+        "usage": {
+            "prompt_tokens": 1000,
+            "completion_tokens": 100,
+            "prompt_tokens_details": {"cached_tokens": 600},
+        },
     }
     fn = make(flavour, lambda text, model="gpt-4o-mini": response)
     call(fn, PROMPT)
     [event] = events.calls
     assert event["model"] == "gpt-4o-2024-08-06"
-    assert (event["input_tokens"], event["cached_input_tokens"], event["output_tokens"]) == (1000, 600, 100)
+    assert (event["input_tokens"], event["cached_input_tokens"], event["output_tokens"]) == (
+        1000,
+        600,
+        100,
+    )
     assert (event["cost_usd"], event["cost_source"]) == (0.00275, "usage")
     assert "tokens_method" not in event
 
@@ -123,7 +140,9 @@ def test_no_model_at_all_warns_once_per_function(flavour: str, events: CapturedE
     assert len(events.of("unknown_model")) == 1
 
 
-def test_error_outcome_is_warning_and_reraised_unchanged(flavour: str, events: CapturedEvents) -> None:
+def test_error_outcome_is_warning_and_reraised_unchanged(
+    flavour: str, events: CapturedEvents
+) -> None:
     boom = KeyError("boom")
 
     def fail(text: str, model: str = "gpt-4o") -> str:
@@ -134,7 +153,11 @@ def test_error_outcome_is_warning_and_reraised_unchanged(flavour: str, events: C
         call(fn, "x")
     assert info.value is boom
     [event] = events.calls
-    assert (event["outcome"], event["error"], event["log_level"]) == ("error", "KeyError", "warning")
+    assert (event["outcome"], event["error"], event["log_level"]) == (
+        "error",
+        "KeyError",
+        "warning",
+    )
     assert (event["cost_usd"], event["cost_source"]) == (0.0, "none")
 
 
@@ -160,7 +183,9 @@ def test_record_usage_sums_several_calls_and_models(flavour: str, events: Captur
     call(fn, "x")
     [event] = events.calls
     assert (event["input_tokens"], event["output_tokens"]) == (2010, 210)
-    assert Decimal(str(event["cost_usd"])) == Decimal("0.0035") + Decimal("0.00021") + Decimal("0.5")
+    assert Decimal(str(event["cost_usd"])) == Decimal("0.0035") + Decimal("0.00021") + Decimal(
+        "0.5"
+    )
     assert event["models"] == ["gpt-4o", "gpt-4o-mini", "house"]
     assert event["model"] == "gpt-4o"
 
@@ -202,7 +227,13 @@ def test_stacked_decorators_share_one_record(flavour: str, events: CapturedEvent
 
 
 def test_nested_decorated_calls_have_parent_ids(flavour: str, events: CapturedEvents) -> None:
-    inner = make(flavour, lambda text, model="gpt-4o-mini": {"model": "gpt-4o-mini", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}})
+    inner = make(
+        flavour,
+        lambda text, model="gpt-4o-mini": {
+            "model": "gpt-4o-mini",
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 100},
+        },
+    )
 
     if flavour == "sync":
 
@@ -295,7 +326,9 @@ def test_methods_classmethods_staticmethods(events: CapturedEvents) -> None:
     assert Assistant.static("hi") == "static hi"
     assert assistant.static("hi") == "static hi"
     names = [e["function"].rsplit(".", 2)[-2:] for e in events.calls]
-    assert names == [["Assistant", n] for n in ("ask", "aask", "build", "build2", "static", "static")]
+    assert names == [
+        ["Assistant", n] for n in ("ask", "aask", "build", "build2", "static", "static")
+    ]
     # self is not a prompt: only the question is counted
     assert events.calls[0]["input_tokens"] == llmguard.count_tokens("hi", "gpt-4o")
 

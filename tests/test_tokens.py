@@ -14,7 +14,11 @@ COOKBOOK_MESSAGES = [
         "content": "You are a helpful, pattern-following assistant that translates corporate jargon "
         "into plain English.",
     },
-    {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "New synergies will help drive top-line growth.",
+    },
     {
         "role": "system",
         "name": "example_assistant",
@@ -45,7 +49,10 @@ WEATHER_TOOLS = [
             "parameters": {
                 "type": "object",
                 "properties": {
-                    "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                    "location": {
+                        "type": "string",
+                        "description": "The city and state, e.g. San Francisco, CA",
+                    },
                     "unit": {
                         "type": "string",
                         "description": "The unit of temperature to return",
@@ -58,7 +65,10 @@ WEATHER_TOOLS = [
     }
 ]
 WEATHER_MESSAGES = [
-    {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
+    {
+        "role": "system",
+        "content": "You are a helpful assistant that can answer to questions about the weather.",
+    },
     {"role": "user", "content": "What's the weather like in San Francisco?"},
 ]
 
@@ -89,7 +99,9 @@ def test_unknown_openai_style_model_uses_o200k() -> None:
     assert (int(count), count.method, count.estimate) == (6, "tiktoken:o200k_base", False)
 
 
-@pytest.mark.parametrize("model", ["claude-3-5-haiku-latest", "gemini-1.5-flash", "mistral-large", None])
+@pytest.mark.parametrize(
+    "model", ["claude-3-5-haiku-latest", "gemini-1.5-flash", "mistral-large", None]
+)
 def test_other_vendors_are_labelled_estimates(model: str | None) -> None:
     count = llmguard.count_tokens("tiktoken is great!", model)
     assert count.estimate is True
@@ -98,7 +110,9 @@ def test_other_vendors_are_labelled_estimates(model: str | None) -> None:
 
 
 def test_provider_prefixed_model_names() -> None:
-    assert llmguard.count_tokens("tiktoken is great!", "openai/gpt-4").method == "tiktoken:cl100k_base"
+    assert (
+        llmguard.count_tokens("tiktoken is great!", "openai/gpt-4").method == "tiktoken:cl100k_base"
+    )
 
 
 def test_message_content_parts_and_objects() -> None:

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import llmguard
+import llmguard.testing
+
+
+def test_all_is_exactly_the_public_surface() -> None:
+    public = {name for name in dir(llmguard) if not name.startswith(("_", "@"))} | {"__version__"}
+    public -= {"testing"}  # a submodule, imported by this test
+    assert set(llmguard.__all__) == public
+    assert sorted(llmguard.__all__) == llmguard.__all__
+    for name in llmguard.__all__:
+        assert getattr(llmguard, name) is not None
+    for name in llmguard.testing.__all__:
+        assert getattr(llmguard.testing, name) is not None
+
+
+def test_errors_share_one_base() -> None:
+    for error in (llmguard.ConfigurationError, llmguard.StorageError):
+        assert issubclass(error, llmguard.LLMGuardError)
+    assert issubclass(llmguard.ConfigurationError, ValueError)
+
+
+def test_import_loads_nothing_heavy() -> None:
+    code = (
+        "import sys, llmguard\n"
+        "heavy = {'tiktoken', 'genai_prices', 'diskcache', 'limits', 'backoff', 'redis', 'openai',"
+        " 'anthropic', 'structlog'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_py_typed_is_shipped() -> None:
+    from importlib.resources import files
+
+    assert files("llmguard").joinpath("py.typed").is_file()

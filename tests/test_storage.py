@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import llmguard
+from llmguard import _storage
+from llmguard._storage import LocalStorage, MemoryStorage, RedisStorage
+
+from .conftest import REDIS_URI
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["local", "memory", "redis"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[llmguard.Storage]:
+    """One test body, every backend."""
+    if request.param == "local":
+        backend: llmguard.Storage = LocalStorage(tmp_path / "store")
+    elif request.param == "memory":
+        backend = MemoryStorage()
+    else:
+        request.getfixturevalue("redis_uri")
+        backend = RedisStorage(REDIS_URI)
+    yield backend
+    backend.close()
+
+
+def test_get_set_delete(storage: llmguard.Storage) -> None:
+    assert storage.get("k") is None
+    storage.set("k", b"v1")
+    storage.set("k", b"v2")
+    assert storage.get("k") == b"v2"
+    assert storage.delete("k") is True
+    assert storage.delete("k") is False
+    assert storage.get("k") is None
+
+
+def test_add_is_set_if_absent(storage: llmguard.Storage) -> None:
+    assert storage.add("lock", b"me", ttl=30) is True
+    assert storage.add("lock", b"you", ttl=30) is False
+    assert storage.get("lock") == b"me"
+
+
+def test_incr(storage: llmguard.Storage) -> None:
+    assert storage.incr("n") == 1
+    assert storage.incr("n", 41) == 42
+    assert storage.incr("n", -2) == 40
+    assert storage.get("n") == b"40"
+
+
+def test_clear_by_prefix(storage: llmguard.Storage) -> None:
+    for key in ("a:1", "a:2", "b:1", "a*:3"):
+        storage.set(key, b"x")
+    assert storage.clear("a:") == 2
+    assert storage.get("b:1") == b"x"
+    assert storage.get("a*:3") == b"x"
+    assert storage.clear("a*") == 1
+    assert storage.clear() >= 1
+    assert storage.get("b:1") is None
+
+
+def test_ttl_expires(storage: llmguard.Storage) -> None:
+    import time
+
+    storage.set("short", b"x", ttl=0.05)
+    storage.add("lock", b"x", ttl=0.05)
+    storage.incr("counter", 5, ttl=0.05)
+    storage.incr("counter", 1, ttl=0.05)  # ttl only when created
+    time.sleep(0.15)
+    assert storage.get("short") is None
+    assert storage.add("lock", b"again") is True
+    assert storage.incr("counter") == 1
+
+
+def test_memory_ttl_with_injected_clock() -> None:
+    clock = Clock()
+    memory = MemoryStorage(clock=clock)
+    memory.set("k", b"v", ttl=10)
+    clock.now += 9.99
+    assert memory.get("k") == b"v"
+    clock.now += 0.02
+    assert memory.get("k") is None
+
+
+def _hammer(uri: str, n: int) -> None:
+    storage = LocalStorage(uri) if not uri.startswith("redis") else RedisStorage(uri)
+    for _ in range(n):
+        storage.incr("shared")
+        storage.add(f"once:{os.getpid()}", b"1")
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_incr_is_atomic_across_processes(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    uri = str(tmp_path / "shared") if backend == "local" else request.getfixturevalue("redis_uri")
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_hammer, args=(uri, 200)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    storage = LocalStorage(uri) if backend == "local" else RedisStorage(uri)
+    assert storage.incr("shared", 0) == 800
+
+
+def test_local_folder_is_private_and_refuses_pickles(tmp_path: Path) -> None:
+    import diskcache
+
+    folder = tmp_path / "private"
+    storage = LocalStorage(folder)
+    storage.set("safe", b"data")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    with pytest.raises(TypeError, match="plain data"):
+        storage.cache.set("obj", {"a": 1})
+
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (os.system, ("echo pwned",))
+
+    # Someone with write access plants a pickle: it is refused, never loaded.
+    planted = diskcache.Cache(str(folder))
+    planted.set("planted", Evil())
+    planted.close()
+    with pytest.raises(llmguard.StorageError, match="refusing to unpickle"):
+        storage.get("planted")
+
+
+def test_default_storage_is_local_under_the_cache_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = llmguard.open_storage()
+    assert isinstance(storage, LocalStorage)
+    assert storage.directory == tmp_path / "llmguard-cache"
+    assert llmguard.open_storage() is storage  # one instance per URI per process
+
+
+def test_xdg_cache_home_is_respected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLMGUARD_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    storage = llmguard.open_storage()
+    assert isinstance(storage, LocalStorage)
+    assert storage.directory == tmp_path / "xdg" / "llmguard"
+
+
+def test_configure_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMGUARD_STORAGE", "memory://env")
+    assert llmguard.open_storage().uri == "memory://env"
+    llmguard.configure(storage="memory://configured")
+    assert llmguard.open_storage().uri == "memory://configured"
+    llmguard.configure(storage=None)
+    assert llmguard.open_storage().uri == "memory://env"
+    llmguard.configure(cache_dir=tmp_path / "elsewhere")
+    monkeypatch.delenv("LLMGUARD_STORAGE")
+    assert llmguard.open_storage().directory == tmp_path / "elsewhere"  # type: ignore[attr-defined]
+    file_storage = llmguard.open_storage(f"file://{tmp_path}/by-uri")
+    assert file_storage.directory == tmp_path / "by-uri"  # type: ignore[attr-defined]
+
+
+def test_redis_uri_opens_redis(redis_uri: str) -> None:
+    storage = llmguard.open_storage(redis_uri)
+    assert isinstance(storage, RedisStorage)
+    storage.set("k", b"v")
+    assert storage.get("k") == b"v"
+
+
+def test_unknown_scheme_fails_at_configuration() -> None:
+    with pytest.raises(llmguard.ConfigurationError, match=r"unknown storage scheme.*redis://"):
+        llmguard.configure(storage="mongodb://localhost")
+    with pytest.raises(llmguard.ConfigurationError):
+        llmguard.configure(storage="")
+
+
+def test_register_a_backend_by_scheme() -> None:
+    made: list[str] = []
+
+    def factory(uri: str) -> llmguard.Storage:
+        made.append(uri)
+        return MemoryStorage(uri)
+
+    llmguard.register_storage("custom", factory)
+    try:
+        llmguard.configure(storage="custom://x")
+        assert llmguard.open_storage().uri == "custom://x"
+        assert made == ["custom://x"]
+    finally:
+        _storage._registry.pop("custom")
+    with pytest.raises(llmguard.ConfigurationError):
+        llmguard.register_storage("not a scheme", factory)
+
+
+def test_backend_failures_are_storage_errors() -> None:
+    storage = RedisStorage("redis://127.0.0.1:1/0")
+    with pytest.raises(llmguard.StorageError, match=r"127\.0\.0\.1:1") as info:
+        storage.get("k")
+    assert info.value.__cause__ is not None
+
+
+def test_unusable_folder_is_a_configuration_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(llmguard.ConfigurationError, match="not a folder"):
+        LocalStorage(blocker).get("k")
