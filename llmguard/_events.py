@@ -27,7 +27,10 @@ def get_logger() -> Any:
     if _logger is None:
         import structlog
 
-        _logger = structlog.get_logger("llmguard")
+        proxy = structlog.get_logger("llmguard")
+        # With cache_logger_on_first_use, structlog itself would keep the first bound logger
+        # forever; holding it here skips the lazy proxy on every event.
+        _logger = proxy.bind() if structlog.get_config()["cache_logger_on_first_use"] else proxy
     return _logger
 
 
@@ -103,9 +106,14 @@ def configure_logging(
         stream = open(file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - kept for the process
     else:
         stream = file
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer: Any
+    if json:
+        import json as _json
+
+        encode = _json.JSONEncoder(default=repr, ensure_ascii=False).encode  # built once
+        renderer = structlog.processors.JSONRenderer(serializer=lambda obj, **_: encode(obj))
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

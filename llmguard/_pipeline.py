@@ -25,12 +25,12 @@ import asyncio
 import contextvars
 import functools
 import inspect
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from random import getrandbits
 from typing import Any, Protocol
 
 from ._config import UNSET, _Unset
@@ -196,23 +196,16 @@ class CallRecord:
 
     __slots__ = (
         "args",
-        "cache_write_tokens",
-        "cached_input_tokens",
         "call_id",
         "children",
         "children_cost",
-        "cost",
-        "cost_known",
         "fields",
-        "input_tokens",
         "kwargs",
-        "models",
-        "output_tokens",
         "parent",
-        "reported",
         "reported_ids",
         "spec",
         "started",
+        "usages",
     )
 
     def __init__(
@@ -226,16 +219,10 @@ class CallRecord:
         self.args = args
         self.kwargs = kwargs
         self.parent = parent
-        self.call_id = os.urandom(8).hex()
+        self.call_id = f"{getrandbits(64):016x}"
         self.fields: dict[str, Any] = {}
-        self.reported = False
+        self.usages: list[tuple[Usage, Decimal | None]] = []
         self.reported_ids: list[int] = []
-        self.input_tokens = self.output_tokens = self.cached_input_tokens = (
-            self.cache_write_tokens
-        ) = 0
-        self.models: list[str] = []
-        self.cost = _ZERO
-        self.cost_known = True
         self.children = 0
         self.children_cost = _ZERO
         self.started = time.perf_counter()
@@ -267,33 +254,43 @@ class CallRecord:
     def add_usage(
         self, usage: Usage, *, cost_usd: Decimal | None = None, source: object = None
     ) -> None:
-        """Add one provider call's real usage (several are summed) and its cost.
+        """Add one provider call's real usage; several are summed when the call ends.
 
         ``cost_usd`` is the provider's own figure when it reports one; otherwise the cost is
-        computed from the price of ``usage.model`` (or the requested model).
+        computed (after the call, so price loading never counts as latency) from the price
+        of ``usage.model``, or of the requested model.
         """
         if source is not None:
             self.reported_ids.append(id(source))
-        self.reported = True
-        self.input_tokens += usage.input_tokens
-        self.output_tokens += usage.output_tokens
-        self.cached_input_tokens += usage.cached_input_tokens
-        self.cache_write_tokens += usage.cache_write_tokens
-        model = usage.model or self.requested_model()
-        if model is not None and model not in self.models:
-            self.models.append(model)
-        if cost_usd is None:
-            price = get_price(model) if model else None
-            if price is None:
-                self.cost_known = False
-                return
-            cost_usd = price.cost(
-                usage.input_tokens,
-                usage.output_tokens,
-                usage.cached_input_tokens,
-                usage.cache_write_tokens,
-            )
-        self.cost += cost_usd
+        if usage.model is None:
+            usage = replace(usage, model=self.requested_model())
+        self.usages.append((usage, cost_usd))
+
+    def usage_totals(self) -> tuple[Usage, Decimal | None, list[str]]:
+        """The reported usage summed, its cost (None if any part's price is unknown) and
+        the distinct models, in order of first use."""
+        inputs = outputs = cached = written = 0
+        cost: Decimal | None = _ZERO
+        models: list[str] = []
+        for usage, reported_cost in self.usages:
+            inputs += usage.input_tokens
+            outputs += usage.output_tokens
+            cached += usage.cached_input_tokens
+            written += usage.cache_write_tokens
+            if usage.model is not None and usage.model not in models:
+                models.append(usage.model)
+            part = reported_cost
+            if part is None:
+                price = get_price(usage.model) if usage.model else None
+                if price is not None:
+                    part = price.cost(
+                        usage.input_tokens,
+                        usage.output_tokens,
+                        usage.cached_input_tokens,
+                        usage.cache_write_tokens,
+                    )
+            cost = None if cost is None or part is None else cost + part
+        return Usage(inputs, outputs, cached, written, models[0] if models else None), cost, models
 
     def __repr__(self) -> str:
         return f"<CallRecord {self.spec.name} call_id={self.call_id}>"
@@ -358,12 +355,17 @@ def _event_fields(call: CallRecord, result: Any, error: BaseException | None) ->
         if usage is not None and id(result) not in call.reported_ids:
             call.add_usage(usage, source=result)
     method: str | None = None
-    if call.reported:
-        source = "usage" if call.cost_known else "unknown"
-        model = call.models[0] if call.models else call.requested_model()
-        input_tokens: int | None = call.input_tokens
-        output_tokens: int | None = call.output_tokens
-        cost: Decimal | None = call.cost if call.cost_known else None
+    models: list[str] = []
+    cached_input_tokens = cache_write_tokens = 0
+    cost: Decimal | None
+    if call.usages:
+        totals, cost, models = call.usage_totals()
+        source = "usage" if cost is not None else "unknown"
+        model = totals.model or call.requested_model()
+        input_tokens: int | None = totals.input_tokens
+        output_tokens: int | None = totals.output_tokens
+        cached_input_tokens = totals.cached_input_tokens
+        cache_write_tokens = totals.cache_write_tokens
     elif error is not None or call.children:
         # Nothing billed here as far as we know: an error without usage, or an outer call
         # whose provider calls were made (and logged) by nested decorated calls.
@@ -396,8 +398,8 @@ def _event_fields(call: CallRecord, result: Any, error: BaseException | None) ->
         "parent_id": parent.call_id if parent is not None else None,
         "model": model,
         "input_tokens": input_tokens,
-        "cached_input_tokens": call.cached_input_tokens,
-        "cache_write_tokens": call.cache_write_tokens,
+        "cached_input_tokens": cached_input_tokens,
+        "cache_write_tokens": cache_write_tokens,
         "output_tokens": output_tokens,
         "cost_usd": None if cost is None else float(cost),
         "cost_source": source,
@@ -406,8 +408,8 @@ def _event_fields(call: CallRecord, result: Any, error: BaseException | None) ->
     }
     if method is not None:
         fields["tokens_method"] = method
-    if len(call.models) > 1:
-        fields["models"] = list(call.models)
+    if len(models) > 1:
+        fields["models"] = models
     if call.children:
         fields["children"] = call.children
         fields["children_cost_usd"] = float(call.children_cost)

@@ -58,6 +58,11 @@ class ModelPrice:
     ) -> Decimal:
         """Exact USD cost. ``input_tokens`` is the call's whole input, *including* the
         cached and cache-write tokens (OpenAI's ``prompt_tokens`` convention)."""
+        if not cached_input_tokens and not cache_write_tokens:
+            return (
+                input_tokens * _at(self.input_per_mtok, input_tokens)
+                + output_tokens * _at(self.output_per_mtok, input_tokens)
+            ) / _MILLION
         uncached = max(input_tokens - cached_input_tokens - cache_write_tokens, 0)
         cached_price = self.cached_input_per_mtok or self.input_per_mtok
         write_price = self.cache_write_per_mtok or self.input_per_mtok

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ._events import warn_once
@@ -55,28 +55,52 @@ class TokenCount(int):
         return f"TokenCount({int(self)}, estimate={self.estimate}, method={self.method!r})"
 
 
-class _Counter:
-    """Counts strings for one model; ``encode`` is None when using the char fallback."""
+_VERIFY_SAMPLE = "Verify: <|endoftext|> tiktoken is great! 12345 \u00fc \u4f60\u597d\n\n  spaces"
 
-    __slots__ = ("encode", "encoding_name", "estimate", "method", "o200k")
+
+def _char_count(text: str) -> int:
+    return -(-len(text) // _CHARS_PER_TOKEN)
+
+
+def _length_counter(encoding: Any) -> Callable[[str], int]:
+    """A function counting ``encoding``'s tokens in a text, special tokens as plain text.
+
+    Uses tiktoken's buffer encoder when present (it skips building a list of ints, ~7%
+    faster) after checking it agrees with ``encode_ordinary``; else ``encode_ordinary``.
+    """
+    encode = encoding.encode_ordinary
+    to_buffer = getattr(getattr(encoding, "_core_bpe", None), "encode_to_tiktoken_buffer", None)
+    if to_buffer is not None:
+        no_special: set[str] = set()
+        try:
+            agrees = len(memoryview(to_buffer(_VERIFY_SAMPLE, no_special))) == len(
+                encode(_VERIFY_SAMPLE)
+            )
+        except Exception:
+            agrees = False
+        if agrees:
+            return lambda text: len(memoryview(to_buffer(text, no_special)))
+    return lambda text: len(encode(text))
+
+
+class _Counter:
+    """Counts strings for one model: ``count(text)`` is tiktoken's or the char estimate."""
+
+    __slots__ = ("count", "encoding_name", "estimate", "method", "o200k")
 
     def __init__(self, encoding_name: str, exact: bool) -> None:
         self.encoding_name = encoding_name
         self.o200k = encoding_name == "o200k_base"
         encoding = _load_encoding(encoding_name)
+        self.count: Callable[[str], int]
         if encoding is None:
-            self.encode = None
+            self.count = _char_count
             self.estimate = True
             self.method = "chars"
         else:
-            self.encode = encoding.encode_ordinary
+            self.count = _length_counter(encoding)
             self.estimate = not exact
             self.method = f"{'tiktoken' if exact else 'approx'}:{encoding_name}"
-
-    def count(self, text: str) -> int:
-        if self.encode is None:
-            return -(-len(text) // _CHARS_PER_TOKEN)
-        return len(self.encode(text))
 
     def wrap(self, value: int) -> TokenCount:
         return TokenCount(value, estimate=self.estimate, method=self.method)

@@ -468,3 +468,28 @@ def test_plain_sleep_in_async_uses_asyncio(events: CapturedEvents) -> None:
     result, ticks = asyncio.run(main())
     assert result == "ok"
     assert ticks > 0  # the loop kept running while the layer slept
+
+
+def test_reported_usage_is_priced_after_the_call(
+    monkeypatch: pytest.MonkeyPatch, events: CapturedEvents
+) -> None:
+    from llmguard import _pipeline
+
+    priced_during: list[object] = []
+    real = _pipeline.get_price
+
+    def spy(model: str) -> Any:
+        priced_during.append(llmguard.current_call())
+        return real(model)
+
+    monkeypatch.setattr(_pipeline, "get_price", spy)
+
+    @llmguard.track
+    def work() -> str:
+        llmguard.record_usage(1000, 100, model="gpt-4o")
+        assert priced_during == []  # not priced inside the call, so not counted as latency
+        return "ok"
+
+    work()
+    assert priced_during == [None]
+    assert events.calls[0]["cost_usd"] == 0.0035

@@ -3,6 +3,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import llmguard
 from llmguard import _tokens
@@ -183,3 +185,14 @@ def test_encodings_load_once(monkeypatch: pytest.MonkeyPatch) -> None:
         llmguard.count_tokens("x", "gpt-4o-mini")
         llmguard.count_tokens("x", "claude-3-5-haiku-latest")
     assert loads == ["o200k_base"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=300))
+def test_counts_agree_with_tiktoken_encode_ordinary(text: str) -> None:
+    import tiktoken
+
+    for model, encoding in (("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base")):
+        assert llmguard.count_tokens(text, model) == len(
+            tiktoken.get_encoding(encoding).encode_ordinary(text)
+        )
