@@ -5,6 +5,7 @@
 Measures, as median and p99 of single calls:
 - a no-op function taking a 2 KB prompt, bare and with ``@track`` (tokens estimated with
   tiktoken, cost priced, one ``llm_call`` event rendered as JSON to /dev/null);
+- the same with events dropped by the log level (llmguard's share without rendering);
 - ``count_tokens`` of a 2 KB prompt alone (the floor under the estimate);
 and ``import llmguard`` with ``python -X importtime`` (median of several fresh processes).
 Every prompt is distinct, so no cache of any kind can flatter the figures.
@@ -106,6 +107,11 @@ def main() -> None:
     bare = summary(per_call_ns(noop, inputs))
     track = summary(per_call_ns(tracked, inputs))
     count = summary(per_call_ns(lambda text: llmguard.count_tokens(text, "gpt-4o"), inputs))
+    # The same with events dropped by the log level: llmguard's share without rendering.
+    llmguard.configure_logging(json=True, file=open(os.devnull, "w"), level="CRITICAL")  # noqa: SIM115
+    silent = llmguard.track(noop)
+    silent(warm[0])
+    filtered = summary(per_call_ns(silent, inputs))
     results = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, "
         f"{platform.python_implementation()} {platform.python_version()}, {platform.platform()}",
@@ -113,6 +119,7 @@ def main() -> None:
         "bare_noop": bare,
         "track_2kb_estimated": track,
         "track_overhead_median_us": round(track["median_us"] - bare["median_us"], 2),
+        "track_2kb_events_filtered": filtered,
         "count_tokens_2kb": count,
         "import_llmguard_ms": import_time_ms(),
     }
