@@ -27,18 +27,18 @@ import functools
 import inspect
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from random import getrandbits
 from typing import Any, Protocol
 
-from ._config import UNSET, _Unset
+from ._config import _Unset
 from ._errors import ConfigurationError
 from ._events import emit, warn_once
 from ._prices import get_price
 from ._tokens import count_message_tokens, counter_for
-from ._usage import Usage, usage_from_response
+from ._usage import Usage, text_from_response, usage_from_response
 
 _current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
     "llmguard_call", default=None
@@ -151,6 +151,7 @@ class FunctionSpec:
     layers: tuple[Layer, ...] = ()
     model: str | None = None
     prompt: PromptFn | None = None
+    log_content: bool = False
     model_index: int | None = None
     model_default: str | None = None
     messages_index: int | None = None
@@ -158,16 +159,12 @@ class FunctionSpec:
     wrapper: Callable[..., Any] | None = field(default=None, repr=False)
 
     @classmethod
-    def build(
-        cls, fn: Callable[..., Any], *, model: str | None, prompt: PromptFn | None
-    ) -> FunctionSpec:
+    def build(cls, fn: Callable[..., Any]) -> FunctionSpec:
         spec = cls(
             fn=fn,
             name=f"{getattr(fn, '__module__', None) or '?'}."
             f"{getattr(fn, '__qualname__', repr(fn))}",
             is_async=inspect.iscoroutinefunction(fn),
-            model=model,
-            prompt=prompt,
         )
         try:
             parameters = list(inspect.signature(fn).parameters.values())
@@ -292,6 +289,23 @@ class CallRecord:
             cost = None if cost is None or part is None else cost + part
         return Usage(inputs, outputs, cached, written, models[0] if models else None), cost, models
 
+    def prompt(self) -> tuple[Any, list[str]]:
+        """What this call sends as its prompt: ``(messages, [])`` for chat messages, else
+        ``(None, texts)``. From ``prompt=`` when the decorator has one, else the ``messages``
+        argument, else every string argument but ``model``."""
+        spec, args, kwargs = self.spec, self.args, self.kwargs
+        if spec.prompt is not None:
+            prompt = spec.prompt(*args, **kwargs)
+            return (None, [prompt]) if isinstance(prompt, str) else (prompt, [])
+        messages = kwargs.get("messages") if spec.has_messages_kw else None
+        if messages is None and spec.messages_index is not None and len(args) > spec.messages_index:
+            messages = args[spec.messages_index]
+        if messages is not None and not isinstance(messages, str):
+            return messages, []
+        texts = [v for i, v in enumerate(args) if type(v) is str and i != spec.model_index]
+        texts.extend(v for k, v in kwargs.items() if type(v) is str and k != "model")
+        return None, texts
+
     def __repr__(self) -> str:
         return f"<CallRecord {self.spec.name} call_id={self.call_id}>"
 
@@ -303,30 +317,13 @@ def current_call() -> CallRecord | None:
 
 def _estimate(call: CallRecord, result: Any) -> tuple[str | None, int, int, str]:
     """(model, input tokens, output tokens, method) estimated from arguments and result."""
-    spec = call.spec
     model = call.requested_model()
     counter = counter_for(model)
-    args, kwargs = call.args, call.kwargs
-    if spec.prompt is not None:
-        prompt = spec.prompt(*args, **kwargs)
-        if isinstance(prompt, str):
-            input_tokens = counter.count(prompt)
-        else:
-            input_tokens = int(count_message_tokens(prompt, model))
+    messages, texts = call.prompt()
+    if messages is not None:
+        input_tokens = int(count_message_tokens(messages, model, tools=call.kwargs.get("tools")))
     else:
-        messages = kwargs.get("messages") if spec.has_messages_kw else None
-        if messages is None and spec.messages_index is not None and len(args) > spec.messages_index:
-            messages = args[spec.messages_index]
-        if messages is not None and not isinstance(messages, str):
-            input_tokens = int(count_message_tokens(messages, model, tools=kwargs.get("tools")))
-        else:
-            input_tokens = 0
-            for index, value in enumerate(args):
-                if type(value) is str and index != spec.model_index:
-                    input_tokens += counter.count(value)
-            for key, value in kwargs.items():
-                if type(value) is str and key != "model":
-                    input_tokens += counter.count(value)
+        input_tokens = sum(counter.count(text) for text in texts)
     output_tokens = counter.count(result) if isinstance(result, str) else 0
     return model, input_tokens, output_tokens, counter.method
 
@@ -410,6 +407,10 @@ def _event_fields(call: CallRecord, result: Any, error: BaseException | None) ->
         fields["tokens_method"] = method
     if len(models) > 1:
         fields["models"] = models
+    if call.spec.log_content:  # opted in: the prompt and completion go into the event
+        messages, texts = call.prompt()
+        fields["prompt"] = messages if messages is not None else "\n".join(texts)
+        fields["completion"] = text_from_response(result)
     if call.children:
         fields["children"] = call.children
         fields["children_cost_usd"] = float(call.children_cost)
@@ -454,17 +455,25 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
     return sync_wrapper
 
 
-def check_options(
-    decorator: str, *, model: str | _Unset | None = UNSET, prompt: PromptFn | _Unset | None = UNSET
-) -> None:
-    """Validate the metering options every llmguard decorator takes (at decoration time)."""
-    if not isinstance(model, (_Unset, str)) and model is not None:
+def check_options(decorator: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the metering options every llmguard decorator takes (at decoration time):
+    ``model``, ``prompt`` and ``log_content``; UNSET ones are dropped."""
+    given = {k: v for k, v in options.items() if not isinstance(v, _Unset)}
+    unknown = set(given) - {"model", "prompt", "log_content"}
+    if unknown:
+        raise ConfigurationError(f"@{decorator} got unknown options: {', '.join(sorted(unknown))}")
+    model = given.get("model")
+    if model is not None and not isinstance(model, str):
         raise ConfigurationError(f"@{decorator}(model=...) must be a model name, got {model!r}")
-    if not isinstance(prompt, _Unset) and prompt is not None and not callable(prompt):
+    prompt = given.get("prompt")
+    if prompt is not None and not callable(prompt):
         raise ConfigurationError(
             f"@{decorator}(prompt=...) must be a callable taking the function's arguments and "
             "returning the prompt text or messages"
         )
+    if not isinstance(given.get("log_content", False), bool):
+        raise ConfigurationError(f"@{decorator}(log_content=...) must be True or False")
+    return given
 
 
 def guard(
@@ -472,19 +481,17 @@ def guard(
     *,
     decorator: str,
     layer: Layer | None = None,
-    model: str | _Unset | None = UNSET,
-    prompt: PromptFn | _Unset | None = UNSET,
+    options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Wrap ``fn`` for metering, adding ``layer`` as the new outermost policy.
 
     If ``fn`` is already an llmguard wrapper, the result is one wrapper around the original
     function with the layers of both. Classmethod and staticmethod objects are unwrapped and
-    rewrapped. ``decorator`` names the caller in error messages.
+    rewrapped. ``options`` are metering options (see :func:`check_options`); ``decorator``
+    names the caller in error messages.
     """
     if isinstance(fn, (classmethod, staticmethod)):
-        return type(fn)(
-            guard(fn.__func__, decorator=decorator, layer=layer, model=model, prompt=prompt)
-        )
+        return type(fn)(guard(fn.__func__, decorator=decorator, layer=layer, options=options))
     if isinstance(fn, str):
         raise ConfigurationError(
             f"@{decorator} got the string {fn!r} where a function was expected: pass options by "
@@ -492,17 +499,14 @@ def guard(
         )
     if not callable(fn):
         raise ConfigurationError(f"@{decorator} must decorate a function, got {type(fn).__name__}")
-    check_options(decorator, model=model, prompt=prompt)
+    given = check_options(decorator, options or {})
     inner: FunctionSpec | None = getattr(fn, "__llmguard__", None)
     if inner is not None and inner.wrapper is fn:  # stacked on another llmguard decorator
-        spec = FunctionSpec(**{k: getattr(inner, k) for k in FunctionSpec.__dataclass_fields__})
-        spec.wrapper = None
+        spec = replace(inner, wrapper=None)
     else:
-        spec = FunctionSpec.build(fn, model=None, prompt=None)
-    if not isinstance(model, _Unset):
-        spec.model = model
-    if not isinstance(prompt, _Unset):
-        spec.prompt = prompt
+        spec = FunctionSpec.build(fn)
+    for name, value in given.items():
+        setattr(spec, name, value)
     if layer is not None:
         spec.layers = (layer, *spec.layers)
     wrapper = _make_wrapper(spec)

@@ -21,6 +21,7 @@ def track(
     *,
     model: str | _Unset | None = ...,
     prompt: PromptFn | _Unset | None = ...,
+    log_content: bool | _Unset = ...,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -30,13 +31,16 @@ def track(
     *,
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
+    log_content: bool | _Unset = UNSET,
 ) -> Any:
     """Meter every call of the decorated function and log one ``llm_call`` event.
 
     ``model`` is the model to assume when neither a ``model`` argument nor the return value
     says which one was used. ``prompt`` replaces what counts as the prompt for estimates:
     a callable taking the function's arguments and returning the prompt text or a list of
-    chat messages. Works bare or called, on sync and async functions and methods::
+    chat messages. ``log_content=True`` opts in to putting the prompt and the completion
+    text into the event (off by default: events never carry them otherwise). Works bare or
+    called, on sync and async functions and methods::
 
         @llmguard.track
         def ask(question: str, *, model: str = "gpt-4o-mini") -> str: ...
@@ -44,11 +48,12 @@ def track(
         @llmguard.track(model="gpt-4o", prompt=lambda doc, **_: doc.body)
         async def summarize(doc: Document) -> str: ...
     """
+    options = {"model": model, "prompt": prompt, "log_content": log_content}
     if fn is None:
-        check_options("track", model=model, prompt=prompt)
+        check_options("track", options)
 
         def decorate(func: Callable[P, R]) -> Callable[P, R]:
-            return guard(func, decorator="track", model=model, prompt=prompt)  # type: ignore[no-any-return]
+            return guard(func, decorator="track", options=options)  # type: ignore[no-any-return]
 
         return decorate
-    return guard(fn, decorator="track", model=model, prompt=prompt)
+    return guard(fn, decorator="track", options=options)

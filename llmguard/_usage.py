@@ -79,3 +79,22 @@ def usage_from_response(response: Any) -> Usage | None:
         return None
     model = _get(response, "model")
     return usage_from_usage_object(usage, model if isinstance(model, str) else None)
+
+
+def text_from_response(response: Any) -> str | None:
+    """The answer text of a response: a str itself, an OpenAI chat completion's first
+    choice, a Responses API ``output_text``, or an Anthropic message's text blocks."""
+    if response is None or isinstance(response, str):
+        return response
+    choices = _get(response, "choices")
+    if isinstance(choices, list) and choices:
+        content = _get(_get(choices[0], "message"), "content")
+        return content if isinstance(content, str) else None
+    output_text = _get(response, "output_text")
+    if isinstance(output_text, str):
+        return output_text
+    blocks = _get(response, "content")
+    if isinstance(blocks, list):
+        texts = [_get(block, "text") for block in blocks]
+        return "".join(t for t in texts if isinstance(t, str)) or None
+    return None

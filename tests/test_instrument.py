@@ -243,3 +243,34 @@ def test_provider_error_is_logged_as_error(fake_llm: FakeLLMServer, events: Capt
     with pytest.raises(openai.BadRequestError):
         broken("q")
     assert events.calls[0]["error"] == "BadRequestError"
+
+
+def test_log_content_reads_sdk_responses(fake_llm: FakeLLMServer, events: CapturedEvents) -> None:
+    openai_client = fake_llm.openai_client()
+    anthropic_client = fake_llm.anthropic_client()
+
+    @llmguard.track(log_content=True)
+    def chat(messages: list[dict[str, str]], model: str = "gpt-4o") -> Any:
+        return openai_client.chat.completions.create(model=model, messages=messages)
+
+    @llmguard.track(log_content=True)
+    def responses(text: str) -> Any:
+        return openai_client.responses.create(model="gpt-4o", input=text)
+
+    @llmguard.track(log_content=True)
+    def claude(text: str) -> Any:
+        return anthropic_client.messages.create(
+            model="claude-3-5-haiku-latest",
+            max_tokens=50,
+            messages=[{"role": "user", "content": text}],
+        )
+
+    chat([{"role": "user", "content": "one two"}])
+    responses("three four")
+    claude("five six")
+    assert [e["completion"] for e in events.calls] == [
+        "Fake reply about: one two",
+        "Fake reply about: three four",
+        "Fake reply about: five six",
+    ]
+    assert events.calls[1]["prompt"] == "three four"

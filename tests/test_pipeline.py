@@ -493,3 +493,16 @@ def test_reported_usage_is_priced_after_the_call(
     work()
     assert priced_during == [None]
     assert events.calls[0]["cost_usd"] == 0.0035
+
+
+def test_log_content_is_an_explicit_opt_in(flavour: str, events: CapturedEvents) -> None:
+    fn = make(flavour, lambda question, model="gpt-4o": "the answer", log_content=True)
+    call(fn, "the question", model="gpt-4o")
+    messages = [{"role": "user", "content": "hi"}]
+    chat = make(flavour, lambda messages, model="gpt-4o": "hello", log_content=True)
+    call(chat, messages)
+    first, second = events.calls
+    assert (first["prompt"], first["completion"]) == ("the question", "the answer")
+    assert (second["prompt"], second["completion"]) == (messages, "hello")
+    with pytest.raises(llmguard.ConfigurationError, match="True or False"):
+        llmguard.track(log_content="yes")  # type: ignore[call-overload]
