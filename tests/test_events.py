@@ -96,3 +96,15 @@ def test_capture_calls_whatever_the_structlog_config(restore_structlog: None) ->
     assert len(events.calls) == 1
     assert events.calls[0]["model"] == "gpt-4o"
     assert later == []
+
+
+def test_json_lines_timestamp_and_level_aliases() -> None:
+    import re
+
+    render = _events._JSONLines()
+    first = json.loads(render(None, "warn", {"event": "x"}))
+    second = json.loads(render(None, "exception", {"event": "y", "n": 1}))
+    assert (first["level"], second["level"]) == ("warning", "error")
+    pattern = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"
+    assert re.match(pattern, first["timestamp"])
+    assert first["timestamp"] <= second["timestamp"]
