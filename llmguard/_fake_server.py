@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import count
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._tokens import count_message_tokens, count_tokens
 
@@ -186,6 +186,15 @@ def _value(option: Any, request: FakeRequest) -> Any:
     return option(request) if callable(option) else option
 
 
+class _Answer(NamedTuple):
+    n: int
+    model: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
 class _Handler(BaseHTTPRequestHandler):
     options: _Options
     protocol_version = "HTTP/1.1"
@@ -247,21 +256,21 @@ class _Handler(BaseHTTPRequestHandler):
             return
         route(request)
 
-    def _reply(self, request: FakeRequest) -> tuple[str, int]:
+    def _answer(self, request: FakeRequest, messages: list[Any], tools: Any = None) -> _Answer:
+        """The reply to ``request`` and its usage, counted as the provider would."""
+        model = request.model or ""
+        prompt = int(count_message_tokens(messages, model, tools=tools))
         text = self.options.reply(request)
-        return text, int(count_tokens(text, request.model))
-
-    def _cached(self, request: FakeRequest, prompt_tokens: int) -> int:
-        return max(0, min(int(_value(self.options.cached_tokens, request)), prompt_tokens))
+        cached = max(0, min(int(_value(self.options.cached_tokens, request)), prompt))
+        return _Answer(
+            next(self.options.ids), model, text, prompt, int(count_tokens(text, model)), cached
+        )
 
     def _chat(self, request: FakeRequest) -> None:
-        body, model = request.body, request.model or ""
-        prompt = int(
-            count_message_tokens(body.get("messages") or [], model, tools=body.get("tools"))
+        body = request.body
+        n, model, text, prompt, completion, cached = self._answer(
+            request, list(body.get("messages") or []), body.get("tools")
         )
-        text, completion = self._reply(request)
-        cached = self._cached(request, prompt)
-        n = next(self.options.ids)
         self._send(
             200,
             {
@@ -289,17 +298,14 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _responses(self, request: FakeRequest) -> None:
-        body, model = request.body, request.model or ""
+        body = request.body
         items = body.get("input")
         messages = (
             [{"role": "user", "content": items}] if isinstance(items, str) else list(items or [])
         )
         if body.get("instructions"):
             messages.insert(0, {"role": "system", "content": body["instructions"]})
-        prompt = int(count_message_tokens(messages, model))
-        text, completion = self._reply(request)
-        cached = self._cached(request, prompt)
-        n = next(self.options.ids)
+        n, model, text, prompt, completion, cached = self._answer(request, messages)
         self._send(
             200,
             {
@@ -331,17 +337,14 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _messages(self, request: FakeRequest) -> None:
-        body, model = request.body, request.model or ""
+        body = request.body
         if not isinstance(body.get("max_tokens"), int):
             self._error(400, "max_tokens: Field required")
             return
         messages = list(body.get("messages") or [])
         if body.get("system"):
             messages.insert(0, {"role": "system", "content": _text(body["system"])})
-        prompt = int(count_message_tokens(messages, model))
-        text, completion = self._reply(request)
-        cached = self._cached(request, prompt)
-        n = next(self.options.ids)
+        n, model, text, prompt, completion, cached = self._answer(request, messages)
         self._send(
             200,
             {

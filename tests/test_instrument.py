@@ -145,39 +145,31 @@ def test_openai_responses_api(
 
 
 def test_anthropic_messages(flavour: str, events: CapturedEvents) -> None:
+    request: dict[str, Any] = {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 100,
+        "system": "Be brief.",
+    }
     with FakeLLMServer(cached_tokens=10) as fake:
         if flavour == "sync":
             client = llmguard.instrument(fake.anthropic_client())
 
             @llmguard.track
             def ask(question: str) -> str:
-                message = client.messages.create(
-                    model="claude-3-5-haiku-latest",
-                    max_tokens=100,
-                    system="Be brief.",
-                    messages=[{"role": "user", "content": question}],
-                )
-                return str(message.content[0].text)
+                content = [{"role": "user", "content": question}]
+                return str(client.messages.create(**request, messages=content).content[0].text)
 
             text = ask("Why cache prompts?")
         else:
+            aclient = llmguard.instrument(fake.anthropic_client(async_client=True))
 
-            async def main() -> str:
-                client = llmguard.instrument(fake.anthropic_client(async_client=True))
+            @llmguard.track
+            async def aask(question: str) -> str:
+                content = [{"role": "user", "content": question}]
+                message = await aclient.messages.create(**request, messages=content)
+                return str(message.content[0].text)
 
-                @llmguard.track
-                async def ask(question: str) -> str:
-                    message = await client.messages.create(
-                        model="claude-3-5-haiku-latest",
-                        max_tokens=100,
-                        system="Be brief.",
-                        messages=[{"role": "user", "content": question}],
-                    )
-                    return str(message.content[0].text)
-
-                return await ask("Why cache prompts?")
-
-            text = asyncio.run(main())
+            text = asyncio.run(aask("Why cache prompts?"))
     assert text == "Fake reply about: Why cache prompts?"
     [event] = events.calls
     prompt = llmguard.count_message_tokens(
