@@ -74,7 +74,16 @@ class Blocking:
     fn: Callable[[], Any]
 
 
-Instruction = Any  # PROCEED | Sleep | Blocking
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Yielded by a layer: ``sync()`` in sync calls, ``await async_()`` in async calls; the
+    result is sent back. For work that has a native async form (waiting on a future)."""
+
+    sync: Callable[[], Any]
+    async_: Callable[[], Awaitable[Any]]
+
+
+Instruction = Any  # PROCEED | Sleep | Blocking | Call
 
 
 class Layer(Protocol):
@@ -104,6 +113,8 @@ def _drive_sync(layers: tuple[Layer, ...], index: int, call: CallRecord) -> Any:
             (instruction.sleep or time.sleep)(instruction.seconds)
         elif isinstance(instruction, Blocking):
             sent = instruction.fn()
+        elif isinstance(instruction, Call):
+            sent = instruction.sync()
         else:  # pragma: no cover - a programming error in a layer
             raise TypeError(f"layer yielded {instruction!r}")
 
@@ -134,6 +145,8 @@ async def _drive_async(layers: tuple[Layer, ...], index: int, call: CallRecord) 
                 await asyncio.sleep(instruction.seconds)
         elif isinstance(instruction, Blocking):
             sent = await asyncio.to_thread(instruction.fn)
+        elif isinstance(instruction, Call):
+            sent = await instruction.async_()
         else:  # pragma: no cover - a programming error in a layer
             raise TypeError(f"layer yielded {instruction!r}")
 
@@ -198,6 +211,7 @@ class CallRecord:
         "children_cost",
         "fields",
         "kwargs",
+        "metering",
         "parent",
         "reported_ids",
         "spec",
@@ -220,6 +234,7 @@ class CallRecord:
         self.fields: dict[str, Any] = {}
         self.usages: list[tuple[Usage, Decimal | None]] = []
         self.reported_ids: list[int] = []
+        self.metering: Metering | None = None
         self.children = 0
         self.children_cost = _ZERO
         self.started = time.perf_counter()
@@ -289,6 +304,18 @@ class CallRecord:
             cost = None if cost is None or part is None else cost + part
         return Usage(inputs, outputs, cached, written, models[0] if models else None), cost, models
 
+    def meter(self, result: Any = None, error: BaseException | None = None) -> Metering:
+        """Settle what this call used and cost (once; later calls return the same)."""
+        if self.metering is None:
+            self.metering = _settle(self, result, error)
+        return self.metering
+
+    def serve_cached(self, model: str | None, saved_usd: Decimal | None) -> None:
+        """Record that no provider was paid: the result came from a cache worth
+        ``saved_usd`` (the original call's cost)."""
+        self.metering = Metering(model, 0, 0, _ZERO, "cache")
+        self.fields["saved_usd"] = None if saved_usd is None else float(saved_usd)
+
     def prompt(self) -> tuple[Any, list[str]]:
         """What this call sends as its prompt: ``(messages, [])`` for chat messages, else
         ``(None, texts)``. From ``prompt=`` when the decorator has one, else the ``messages``
@@ -346,44 +373,65 @@ def _finish(call: CallRecord, result: Any, error: BaseException | None) -> None:
     emit("info" if error is None else "warning", "llm_call", fields)
 
 
-def _event_fields(call: CallRecord, result: Any, error: BaseException | None) -> dict[str, Any]:
+@dataclass(slots=True)
+class Metering:
+    """What one call used and cost, settled once per call (see :meth:`CallRecord.meter`).
+
+    ``source`` is ``usage``, ``estimate``, ``unknown``, ``none`` (raised before any usage),
+    ``children`` (nested decorated calls paid) or ``cache`` (served by ``@cached``).
+    """
+
+    model: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cost: Decimal | None
+    source: str
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    method: str | None = None
+    models: list[str] = field(default_factory=list)
+
+
+def _settle(call: CallRecord, result: Any, error: BaseException | None) -> Metering:
     if error is None and result is not None and not isinstance(result, str):
         usage = usage_from_response(result)
         if usage is not None and id(result) not in call.reported_ids:
             call.add_usage(usage, source=result)
-    method: str | None = None
-    models: list[str] = []
-    cached_input_tokens = cache_write_tokens = 0
-    cost: Decimal | None
     if call.usages:
         totals, cost, models = call.usage_totals()
-        source = "usage" if cost is not None else "unknown"
-        model = totals.model or call.requested_model()
-        input_tokens: int | None = totals.input_tokens
-        output_tokens: int | None = totals.output_tokens
-        cached_input_tokens = totals.cached_input_tokens
-        cache_write_tokens = totals.cache_write_tokens
-    elif error is not None or call.children:
+        return Metering(
+            model=totals.model or call.requested_model(),
+            input_tokens=totals.input_tokens,
+            output_tokens=totals.output_tokens,
+            cost=cost,
+            source="usage" if cost is not None else "unknown",
+            cached_input_tokens=totals.cached_input_tokens,
+            cache_write_tokens=totals.cache_write_tokens,
+            models=models,
+        )
+    if error is not None or call.children:
         # Nothing billed here as far as we know: an error without usage, or an outer call
         # whose provider calls were made (and logged) by nested decorated calls.
         source = "none" if error is not None else "children"
-        model = call.requested_model()
-        input_tokens = output_tokens = None
-        cost = _ZERO
-    else:
-        model, input_tokens, output_tokens, method = _estimate(call, result)
-        price = get_price(model) if model else None
-        if model is None:
-            warn_once(
-                call.spec.name,
-                "unknown_model",
-                function=call.spec.name,
-                hint="no model argument, return value or decorator model=; use @track(model=...)",
-            )
-        if price is None:
-            source, cost = "unknown", None
-        else:
-            source, cost = "estimate", price.cost(input_tokens, output_tokens)
+        return Metering(call.requested_model(), None, None, _ZERO, source)
+    model, input_tokens, output_tokens, method = _estimate(call, result)
+    price = get_price(model) if model else None
+    if model is None:
+        warn_once(
+            call.spec.name,
+            "unknown_model",
+            function=call.spec.name,
+            hint="no model argument, return value or decorator model=; use @track(model=...)",
+        )
+    if price is None:
+        return Metering(model, input_tokens, output_tokens, None, "unknown", method=method)
+    cost = price.cost(input_tokens, output_tokens)
+    return Metering(model, input_tokens, output_tokens, cost, "estimate", method=method)
+
+
+def _event_fields(call: CallRecord, result: Any, error: BaseException | None) -> dict[str, Any]:
+    metering = call.meter(result, error)
+    cost = metering.cost
     parent = call.parent
     if parent is not None:
         with _children_lock:
@@ -393,20 +441,20 @@ def _event_fields(call: CallRecord, result: Any, error: BaseException | None) ->
         "function": call.spec.name,
         "call_id": call.call_id,
         "parent_id": parent.call_id if parent is not None else None,
-        "model": model,
-        "input_tokens": input_tokens,
-        "cached_input_tokens": cached_input_tokens,
-        "cache_write_tokens": cache_write_tokens,
-        "output_tokens": output_tokens,
+        "model": metering.model,
+        "input_tokens": metering.input_tokens,
+        "cached_input_tokens": metering.cached_input_tokens,
+        "cache_write_tokens": metering.cache_write_tokens,
+        "output_tokens": metering.output_tokens,
         "cost_usd": None if cost is None else float(cost),
-        "cost_source": source,
+        "cost_source": metering.source,
         "outcome": "ok" if error is None else "error",
         "error": None if error is None else type(error).__name__,
     }
-    if method is not None:
-        fields["tokens_method"] = method
-    if len(models) > 1:
-        fields["models"] = models
+    if metering.method is not None:
+        fields["tokens_method"] = metering.method
+    if len(metering.models) > 1:
+        fields["models"] = metering.models
     if call.spec.log_content:  # opted in: the prompt and completion go into the event
         messages, texts = call.prompt()
         fields["prompt"] = messages if messages is not None else "\n".join(texts)
