@@ -37,6 +37,7 @@ UNSET = _Unset()
 class _Settings:
     storage: str | None = None
     cache_dir: str | None = None
+    cache_size_limit: int | None = None
 
 
 _settings = _Settings()
@@ -46,11 +47,14 @@ def configure(
     *,
     storage: str | _Unset | None = UNSET,
     cache_dir: str | os.PathLike[str] | _Unset | None = UNSET,
+    cache_size_limit: int | _Unset | None = UNSET,
 ) -> None:
     """Set process-wide defaults for every llmguard decorator.
 
     ``storage`` is a URI (``"local"``, ``"file:///var/lib/llmguard"``, ``"memory://"``,
-    ``"redis://host:6379/0"``); ``cache_dir`` is the folder of the default local storage.
+    ``"redis://host:6379/0"``); ``cache_dir`` is the folder of the default local storage;
+    ``cache_size_limit`` caps the bytes of cache entries a local storage keeps (default 1 GiB,
+    env ``LLMGUARD_CACHE_SIZE_LIMIT``; a ``file://`` URI can say ``?size_limit=N``).
     Pass ``None`` to go back to the environment / built-in default; omit an argument to
     leave it as it is.
 
@@ -66,18 +70,42 @@ def configure(
         _settings.storage = storage
     if not isinstance(cache_dir, _Unset):
         _settings.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+    if not isinstance(cache_size_limit, _Unset):
+        if cache_size_limit is not None and (
+            not isinstance(cache_size_limit, int) or cache_size_limit <= 0
+        ):
+            raise ConfigurationError(
+                f"cache_size_limit must be bytes > 0, got {cache_size_limit!r}"
+            )
+        _settings.cache_size_limit = cache_size_limit
 
 
 def reset_configuration() -> None:
     """Forget everything ``configure()`` set (tests use this between cases)."""
     _settings.storage = None
     _settings.cache_dir = None
+    _settings.cache_size_limit = None
 
 
 def storage_uri() -> str:
     """The storage URI in force: ``configure()``, else ``LLMGUARD_STORAGE``, else local."""
     uri = _settings.storage or os.environ.get("LLMGUARD_STORAGE") or "local"
     return uri
+
+
+def cache_size_limit() -> int:
+    """Bytes of cache entries a local storage keeps before evicting (default 1 GiB)."""
+    if _settings.cache_size_limit is not None:
+        return _settings.cache_size_limit
+    env = os.environ.get("LLMGUARD_CACHE_SIZE_LIMIT")
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise ConfigurationError(
+                f"LLMGUARD_CACHE_SIZE_LIMIT must be bytes, got {env!r}"
+            ) from None
+    return 2**30
 
 
 def cache_dir() -> Path:

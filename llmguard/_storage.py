@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from ._config import cache_dir, ensure_private_dir, storage_uri
+from ._config import cache_dir, cache_size_limit, ensure_private_dir, storage_uri
 from ._errors import ConfigurationError, StorageError
 
 
@@ -61,6 +61,34 @@ class Storage(ABC):
     @abstractmethod
     def clear(self, prefix: str = "") -> int:
         """Delete every key starting with ``prefix``; returns how many."""
+
+    @abstractmethod
+    def count(self, prefix: str = "") -> int:
+        """How many live keys start with ``prefix`` (walks them: not for hot paths)."""
+
+    @abstractmethod
+    def release(self, key: str, token: bytes) -> bool:
+        """Delete ``key`` only if it still holds ``token`` (unlock only your own lock)."""
+
+    # Cache entries: a backend may keep them apart and evict them under a size limit;
+    # everything stored with the methods above (locks, counters, ledgers) is never evicted.
+    def get_entry(self, key: str) -> bytes | None:
+        return self.get(key)
+
+    def set_entry(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        self.set(key, value, ttl)
+
+    def delete_entry(self, key: str) -> bool:
+        return self.delete(key)
+
+    def clear_entries(self, prefix: str = "") -> int:
+        return self.clear(prefix)
+
+    def count_entries(self, prefix: str = "") -> int:
+        return self.count(prefix)
+
+    remote: bool = False
+    """True when operations cross the network (async calls run them in a thread)."""
 
     def close(self) -> None:  # noqa: B027 - optional for backends
         """Release connections and files."""
@@ -140,6 +168,19 @@ class MemoryStorage(Storage):
                 del self._data[key]
             return len(doomed)
 
+    def count(self, prefix: str = "") -> int:
+        with self._lock:
+            return sum(
+                1 for k in list(self._data) if k.startswith(prefix) and self._live(k) is not None
+            )
+
+    def release(self, key: str, token: bytes) -> bool:
+        with self._lock:
+            if self._live(key) != token:
+                return False
+            del self._data[key]
+            return True
+
 
 def _safe_disk() -> type:
     import diskcache
@@ -166,36 +207,70 @@ def _safe_disk() -> type:
     return SafeDisk
 
 
-class LocalStorage(Storage):
-    """diskcache in a folder: atomic across every process on this machine, no server."""
+DEFAULT_SIZE_LIMIT = 2**30  # 1 GiB of cache entries per local storage folder
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+
+class LocalStorage(Storage):
+    """diskcache in a folder: atomic across every process on this machine, no server.
+
+    Two diskcache databases: the folder itself for state (locks, counters, ledgers: never
+    evicted) and ``entries/`` for cache entries, evicted least-recently-stored first beyond
+    ``size_limit`` bytes.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], *, size_limit: int = DEFAULT_SIZE_LIMIT
+    ) -> None:
+        if size_limit <= 0:
+            raise ConfigurationError(
+                f"size_limit must be a number of bytes > 0, got {size_limit!r}"
+            )
         self.directory = Path(directory).expanduser()
         self.uri = f"file://{self.directory}"
+        self.size_limit = size_limit
         self._cache: Any = None
+        self._entries: Any = None
         self._lock = threading.Lock()
+
+    def _open(self, folder: Path, **settings: Any) -> Any:
+        import diskcache
+
+        with _wrapped(self.uri, "opening the cache folder"):
+            ensure_private_dir(folder)
+            return diskcache.Cache(str(folder), disk=_safe_disk(), timeout=60, **settings)
 
     @property
     def cache(self) -> Any:
-        """The underlying ``diskcache.Cache``, opened on first use."""
+        """The state ``diskcache.Cache`` (never evicted), opened on first use."""
         if self._cache is None:
             with self._lock:
                 if self._cache is None:
-                    import diskcache
-
-                    with _wrapped(self.uri, "opening the cache folder"):
-                        ensure_private_dir(self.directory)
-                        self._cache = diskcache.Cache(
-                            str(self.directory), disk=_safe_disk(), timeout=60, size_limit=2**32
-                        )
+                    self._cache = self._open(self.directory, eviction_policy="none")
         return self._cache
 
-    def get(self, key: str) -> bytes | None:
-        with _wrapped(self.uri, "get"):
-            value = self.cache.get(key)
+    @property
+    def entries(self) -> Any:
+        """The cache entries' ``diskcache.Cache`` (size-limited, evicting)."""
+        if self._entries is None:
+            with self._lock:
+                if self._entries is None:
+                    ensure_private_dir(self.directory)
+                    self._entries = self._open(
+                        self.directory / "entries",
+                        size_limit=self.size_limit,
+                        eviction_policy="least-recently-stored",
+                    )
+        return self._entries
+
+    @staticmethod
+    def _as_bytes(value: Any) -> bytes | None:
         if value is None or isinstance(value, bytes):
             return value
         return str(value).encode()
+
+    def get(self, key: str) -> bytes | None:
+        with _wrapped(self.uri, "get"):
+            return self._as_bytes(self.cache.get(key))
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         with _wrapped(self.uri, "set"):
@@ -221,21 +296,70 @@ class LocalStorage(Storage):
                     cache.touch(key, expire=ttl)
                 return value
 
+    def release(self, key: str, token: bytes) -> bool:
+        with _wrapped(self.uri, "release"):
+            cache = self.cache
+            with cache.transact():
+                if cache.get(key) != token:
+                    return False
+                return bool(cache.delete(key))
+
+    @staticmethod
+    def _clear(cache: Any, prefix: str) -> int:
+        if not prefix:
+            return int(cache.clear())
+        removed = 0
+        for key in list(cache.iterkeys()):
+            if isinstance(key, str) and key.startswith(prefix) and cache.delete(key):
+                removed += 1
+        return removed
+
+    @staticmethod
+    def _count(cache: Any, prefix: str) -> int:
+        cache.expire()
+        return sum(1 for key in cache.iterkeys() if isinstance(key, str) and key.startswith(prefix))
+
     def clear(self, prefix: str = "") -> int:
         with _wrapped(self.uri, "clear"):
-            if not prefix:
-                return int(self.cache.clear())
-            removed = 0
-            for key in list(self.cache.iterkeys()):
-                if isinstance(key, str) and key.startswith(prefix) and self.cache.delete(key):
-                    removed += 1
-            return removed
+            return self._clear(self.cache, prefix)
+
+    def count(self, prefix: str = "") -> int:
+        with _wrapped(self.uri, "count"):
+            return self._count(self.cache, prefix)
+
+    def get_entry(self, key: str) -> bytes | None:
+        with _wrapped(self.uri, "get"):
+            return self._as_bytes(self.entries.get(key))
+
+    def set_entry(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        with _wrapped(self.uri, "set"):
+            self.entries.set(key, bytes(value), expire=ttl)
+
+    def delete_entry(self, key: str) -> bool:
+        with _wrapped(self.uri, "delete"):
+            return bool(self.entries.delete(key))
+
+    def clear_entries(self, prefix: str = "") -> int:
+        with _wrapped(self.uri, "clear"):
+            return self._clear(self.entries, prefix)
+
+    def count_entries(self, prefix: str = "") -> int:
+        with _wrapped(self.uri, "count"):
+            return self._count(self.entries, prefix)
 
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.close()
-            self._cache = None
+        for cache in (self._cache, self._entries):
+            if cache is not None:
+                cache.close()
+        self._cache = self._entries = None
 
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 _INCR_WITH_TTL = """
 local value = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -259,6 +383,9 @@ class RedisStorage(Storage):
         self.uri = uri
         self.client = redis.Redis.from_url(uri, socket_timeout=5, socket_connect_timeout=5)
         self._incr = self.client.register_script(_INCR_WITH_TTL)
+        self._release = self.client.register_script(_RELEASE)
+
+    remote = True
 
     @staticmethod
     def _ms(ttl: float | None) -> int | None:
@@ -299,6 +426,16 @@ class RedisStorage(Storage):
                 removed += int(self.client.delete(*batch))
             return removed
 
+    def count(self, prefix: str = "") -> int:
+        with _wrapped(self.uri, "count"):
+            return sum(
+                1 for _ in self.client.scan_iter(match=_redis_glob_escape(prefix) + "*", count=500)
+            )
+
+    def release(self, key: str, token: bytes) -> bool:
+        with _wrapped(self.uri, "release"):
+            return bool(self._release(keys=[key], args=[token]))
+
     def close(self) -> None:
         self.client.close()
 
@@ -309,14 +446,23 @@ def _redis_glob_escape(text: str) -> str:
 
 def _local_from_uri(uri: str) -> Storage:
     if uri in ("local", "disk", "local://", "disk://"):
-        return LocalStorage(cache_dir())
+        return LocalStorage(cache_dir(), size_limit=cache_size_limit())
+    size_limit = cache_size_limit()
     if uri.startswith("file://"):
         parts = urlsplit(uri)
         path = unquote(parts.netloc + parts.path)
         if not path:
             raise ConfigurationError(f"storage {uri!r} names no folder: use file:///absolute/path")
-        return LocalStorage(path)
-    return LocalStorage(uri)
+        query = parse_qs(parts.query)
+        if "size_limit" in query:
+            try:
+                size_limit = int(query["size_limit"][-1])
+            except ValueError:
+                raise ConfigurationError(
+                    f"size_limit in {uri!r} must be a number of bytes"
+                ) from None
+        return LocalStorage(path, size_limit=size_limit)
+    return LocalStorage(uri, size_limit=size_limit)
 
 
 _registry: dict[str, Callable[[str], Storage]] = {

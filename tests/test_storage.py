@@ -215,3 +215,54 @@ def test_unusable_folder_is_a_configuration_error(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(llmguard.ConfigurationError, match="not a folder"):
         LocalStorage(blocker).get("k")
+
+
+def test_count_and_release(storage: llmguard.Storage) -> None:
+    storage.set("p:1", b"x")
+    storage.set("p:2", b"x")
+    storage.set("q:1", b"x")
+    assert storage.count("p:") == 2
+    assert storage.add("lock", b"mine", ttl=30)
+    assert storage.release("lock", b"theirs") is False
+    assert storage.get("lock") == b"mine"
+    assert storage.release("lock", b"mine") is True
+    assert storage.get("lock") is None
+
+
+def test_entries_region(storage: llmguard.Storage) -> None:
+    storage.set_entry("e:1", b"value", ttl=30)
+    assert storage.get_entry("e:1") == b"value"
+    assert storage.count_entries("e:") == 1
+    assert storage.clear_entries("e:") == 1
+    assert storage.get_entry("e:1") is None
+    storage.set_entry("e:2", b"v")
+    assert storage.delete_entry("e:2") is True
+
+
+def test_local_entries_are_evicted_but_state_never_is(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "small", size_limit=200_000)
+    for i in range(50):
+        storage.incr(f"counter:{i}")
+    blob = os.urandom(20_000)
+    for i in range(60):
+        storage.set_entry(f"entry:{i}", blob)
+    storage.entries.cull()
+    assert storage.entries.volume() <= 400_000  # the database's own pages count too
+    assert storage.count_entries("entry:") < 60
+    assert storage.get_entry("entry:59") == blob  # newest kept, oldest evicted
+    assert storage.get_entry("entry:0") is None
+    assert storage.count("counter:") == 50
+
+
+def test_size_limit_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert llmguard.open_storage().size_limit == 2**30  # type: ignore[attr-defined]
+    assert llmguard.open_storage(f"file://{tmp_path}/a?size_limit=12345").size_limit == 12345  # type: ignore[attr-defined]
+    llmguard.configure(cache_size_limit=999_999)
+    assert llmguard.open_storage(f"file://{tmp_path}/b").size_limit == 999_999  # type: ignore[attr-defined]
+    llmguard.configure(cache_size_limit=None)
+    monkeypatch.setenv("LLMGUARD_CACHE_SIZE_LIMIT", "4096")
+    assert llmguard.open_storage(f"file://{tmp_path}/c").size_limit == 4096  # type: ignore[attr-defined]
+    with pytest.raises(llmguard.ConfigurationError):
+        llmguard.configure(cache_size_limit=0)
+    with pytest.raises(llmguard.ConfigurationError):
+        llmguard.open_storage(f"file://{tmp_path}/d?size_limit=lots")
