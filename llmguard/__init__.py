@@ -5,6 +5,7 @@ modules. ``import llmguard`` loads no tokenizer, price table or storage backend:
 on first use.
 """
 
+from ._cache import CachedFunction, CacheInfo, bypass_cache, cached
 from ._config import configure
 from ._errors import ConfigurationError, LLMGuardError, StorageError
 from ._events import configure_logging
@@ -18,6 +19,8 @@ from ._usage import Usage
 from ._version import __version__
 
 __all__ = [
+    "CacheInfo",
+    "CachedFunction",
     "CallRecord",
     "ConfigurationError",
     "LLMGuardError",
@@ -27,6 +30,8 @@ __all__ = [
     "TokenCount",
     "Usage",
     "__version__",
+    "bypass_cache",
+    "cached",
     "calc_cost",
     "configure",
     "configure_logging",

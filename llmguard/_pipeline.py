@@ -111,10 +111,11 @@ def _drive_sync(layers: tuple[Layer, ...], index: int, call: CallRecord) -> Any:
                 thrown = exc
         elif isinstance(instruction, Sleep):
             (instruction.sleep or time.sleep)(instruction.seconds)
-        elif isinstance(instruction, Blocking):
-            sent = instruction.fn()
-        elif isinstance(instruction, Call):
-            sent = instruction.sync()
+        elif isinstance(instruction, (Blocking, Call)):
+            try:
+                sent = instruction.fn() if isinstance(instruction, Blocking) else instruction.sync()
+            except Exception as exc:  # thrown into the layer, which may handle it
+                thrown = exc
         else:  # pragma: no cover - a programming error in a layer
             raise TypeError(f"layer yielded {instruction!r}")
 
@@ -143,15 +144,24 @@ async def _drive_async(layers: tuple[Layer, ...], index: int, call: CallRecord) 
                 instruction.sleep(instruction.seconds)
             else:
                 await asyncio.sleep(instruction.seconds)
-        elif isinstance(instruction, Blocking):
-            sent = await asyncio.to_thread(instruction.fn)
-        elif isinstance(instruction, Call):
-            sent = await instruction.async_()
+        elif isinstance(instruction, (Blocking, Call)):
+            try:
+                if isinstance(instruction, Blocking):
+                    sent = await asyncio.to_thread(instruction.fn)
+                else:
+                    sent = await instruction.async_()
+            except Exception as exc:  # thrown into the layer, which may handle it
+                thrown = exc
         else:  # pragma: no cover - a programming error in a layer
             raise TypeError(f"layer yielded {instruction!r}")
 
 
 PromptFn = Callable[..., Any]
+
+
+def full_name(fn: Any) -> str:
+    """``module.qualname`` of a function: its name in events, cache keys and budgets."""
+    return f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 @dataclass(eq=False)
@@ -175,8 +185,7 @@ class FunctionSpec:
     def build(cls, fn: Callable[..., Any]) -> FunctionSpec:
         spec = cls(
             fn=fn,
-            name=f"{getattr(fn, '__module__', None) or '?'}."
-            f"{getattr(fn, '__qualname__', repr(fn))}",
+            name=full_name(fn),
             is_async=inspect.iscoroutinefunction(fn),
         )
         try:

@@ -1,0 +1,558 @@
+"""``@cached``: a persistent, safe, stampede-free response cache.
+
+A hit returns the stored result, logs ``cache="hit"`` with ``cost_usd=0`` and the original
+call's cost as ``saved_usd``, and skips every layer below (put ``@cached`` outermost).
+Concurrent identical misses make one upstream call: threads and asyncio tasks of a process
+wait on an in-process flight; other processes (and, with Redis, other machines) wait on a lock
+entry in the storage, which expires so a crashed holder cannot block them forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+import os
+import re
+import threading
+import time
+from collections.abc import Awaitable, Callable, Collection, Generator, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from decimal import Decimal
+from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
+
+from ._config import UNSET, _Unset
+from ._errors import ConfigurationError, StorageError
+from ._events import warn_once
+from ._keys import Binder, canonical, code_digest, digest
+from ._pipeline import (
+    PROCEED,
+    Blocking,
+    Call,
+    CallRecord,
+    PromptFn,
+    Sleep,
+    check_options,
+    full_name,
+    guard,
+)
+from ._serialize import Entry, EntryError, decode, encode
+from ._storage import Storage, open_storage, validate_uri
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_bypass: ContextVar[bool] = ContextVar("llmguard_bypass_cache", default=False)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+@contextmanager
+def bypass_cache() -> Iterator[None]:
+    """Calls inside skip the cache read and store a fresh result (``cache="bypass"``).
+
+    >>> with llmguard.bypass_cache():   # doctest: +SKIP
+    ...     summarize(text)              # always calls upstream, refreshes the entry
+    """
+    token = _bypass.set(True)
+    try:
+        yield
+    finally:
+        _bypass.reset(token)
+
+
+def parse_duration(value: Any, what: str) -> float | None:
+    """Seconds from a number, a timedelta or ``"90s"``/``"30m"``/``"12h"``/``"7d"``/``"2w"``;
+    None stays None. ConfigurationError for anything else or a value <= 0."""
+    if value is None:
+        return None
+    seconds: float
+    if isinstance(value, bool):
+        raise ConfigurationError(f"{what} must be seconds, a timedelta or a string like '7d'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ConfigurationError(
+                f"{what}={value!r}: use a number of seconds or a number with a unit "
+                "s, m, h, d or w (e.g. '90s', '30m', '12h', '7d')"
+            )
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    else:
+        raise ConfigurationError(f"{what} must be seconds, a timedelta or a string like '7d'")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigurationError(f"{what} must be > 0 (None for no expiry), got {value!r}")
+    return seconds
+
+
+class CacheInfo(NamedTuple):
+    """``cache_info()``: this process's hits, misses and stale hits, the USD the hits saved,
+    and the entries the storage holds for the function (all versions)."""
+
+    hits: int
+    misses: int
+    stale_hits: int
+    saved_usd: Decimal
+    entries: int
+
+
+class CachedFunction(Protocol[P, R]):
+    """A function decorated with ``@cached``."""
+
+    __wrapped__: Callable[P, R]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    def cache_info(self) -> CacheInfo: ...
+
+    def cache_clear(self) -> None: ...
+
+    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+
+class _Flight:
+    """One in-process upstream call that identical concurrent misses wait for."""
+
+    __slots__ = ("event", "future", "loop", "outcome")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.event = threading.Event()
+        self.loop = loop
+        self.future: asyncio.Future[Any] | None = loop.create_future() if loop is not None else None
+        self.outcome: tuple[bool | None, Any, Decimal | None] = (None, None, None)
+
+    def finish(self, ok: bool | None, value: Any, cost: Decimal | None = None) -> None:
+        if self.event.is_set():
+            return
+        self.outcome = (ok, value, cost)
+        self.event.set()
+        if self.future is not None and not self.future.done():
+            self.future.set_result(None)  # the leader runs in this loop's thread
+
+    def wait(self, timeout: float) -> tuple[bool | None, Any, Decimal | None]:
+        self.event.wait(timeout)
+        return self.outcome
+
+    async def wait_async(self, timeout: float) -> tuple[bool | None, Any, Decimal | None]:
+        loop = asyncio.get_running_loop()
+        if self.future is not None and self.loop is loop:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.future), timeout)
+            except asyncio.TimeoutError:
+                pass
+            return self.outcome
+        return await loop.run_in_executor(None, self.wait, timeout)
+
+
+class _CacheLayer:
+    """The ``@cached`` policy for one function."""
+
+    def __init__(
+        self,
+        target: Callable[..., Any],
+        function: str,
+        *,
+        ttl: float | None,
+        ignore: Collection[str],
+        key: Callable[..., Any] | None,
+        version: str | None,
+        cache_if: Callable[[Any], bool] | None,
+        stale_if_error: bool,
+        stale_ttl: float | None,
+        storage: str | None,
+        namespace: str,
+        serializer: str,
+        lock_timeout: float,
+        clock: Callable[[], float],
+        sleep: Callable[[float], None] | None,
+        async_sleep: Callable[[float], Awaitable[None]] | None,
+    ) -> None:
+        self.binder = Binder(target, ignore)
+        self.function = function
+        self.ttl = ttl
+        self.key_fn = key
+        self.cache_if = cache_if
+        self.stale_if_error = stale_if_error
+        self.stale_ttl = stale_ttl
+        self.storage_uri = storage
+        self.prefix = f"llmguard:cache:{namespace}:{function}:"
+        self.salt = f"{version or ''}\x00{code_digest(target)}".encode()
+        self.serializer = serializer
+        self.lock_timeout = lock_timeout
+        self.clock = clock
+        self.sleep = sleep
+        self.async_sleep = async_sleep
+        self._flights: dict[str, _Flight] = {}
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._stale_hits = 0
+        self._saved = Decimal(0)
+
+    # -- keys ------------------------------------------------------------------------
+    def key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        if self.key_fn is not None:
+            material = canonical({"key": self.key_fn(*args, **kwargs)})
+        else:
+            material = canonical(self.binder.bind(args, kwargs))
+        return self.prefix + digest(self.salt, material)
+
+    def public_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        try:
+            return self.key_for(args, kwargs)
+        except TypeError:
+            if self.binder.skip_first and self.key_fn is None:  # called on the function
+                return self.key_for((None, *args), kwargs)  # of a method: self left out
+            raise
+
+    # -- storage, failing open ---------------------------------------------------------
+    def _storage(self) -> Storage | None:
+        try:
+            return open_storage(self.storage_uri)
+        except StorageError as exc:
+            self._warn("cache_unavailable", exc)
+            return None
+
+    def _warn(self, event: str, exc: BaseException) -> None:
+        warn_once(
+            f"{self.function}:{event}",
+            event,
+            function=self.function,
+            error=f"{type(exc).__name__}: {exc}"[:300],
+            hint="the call runs without the cache",
+        )
+
+    def _read(self, storage: Storage, key: str) -> Entry | None:
+        """The entry at ``key`` (None if absent or unreadable); StorageError if the storage
+        itself fails."""
+        raw = storage.get_entry(key)
+        if raw is None:
+            return None
+        try:
+            return decode(raw, function=self.function, allow_pickle=self.serializer == "pickle")
+        except EntryError as exc:
+            self._warn("cache_entry_unreadable", exc)
+            try:
+                storage.delete_entry(key)
+            except StorageError:
+                pass
+            return None
+
+    def _write(self, storage: Storage, key: str, value: Any, call: CallRecord) -> None:
+        metering = call.meter(value)
+        now = self.clock()
+        data = encode(
+            value,
+            serializer=self.serializer,
+            model=metering.model,
+            cost=metering.cost,
+            created=now,
+            expires=None if self.ttl is None else now + self.ttl,
+            function=self.function,
+        )
+        if self.ttl is None:
+            physical = None
+        elif self.stale_if_error:
+            physical = None if self.stale_ttl is None else self.ttl + self.stale_ttl
+        else:
+            physical = self.ttl
+        try:
+            storage.set_entry(key, data, physical)
+        except StorageError as exc:
+            self._warn("cache_write_failed", exc)
+
+    def _fresh(self, entry: Entry | None) -> bool:
+        return entry is not None and (entry.expires is None or self.clock() < entry.expires)
+
+    # -- outcomes ----------------------------------------------------------------------
+    def _served(
+        self, call: CallRecord, value: Any, model: str | None, cost: Decimal | None, kind: str
+    ) -> Any:
+        call.serve_cached(model, cost)
+        call.fields["cache"] = kind
+        with self._lock:
+            if kind == "stale":
+                self._stale_hits += 1
+            else:
+                self._hits += 1
+            if cost is not None:
+                self._saved += cost
+        return value
+
+    def _io(self, storage: Storage, fn: Callable[..., Any], *args: Any) -> Generator[Any, Any, Any]:
+        """Run ``fn(*args)``, a storage operation: in a worker thread for remote storage in
+        async calls, inline otherwise."""
+        if storage.remote:
+            return (yield Blocking(functools.partial(fn, *args)))
+        return fn(*args)
+
+    # -- the policy ----------------------------------------------------------------------
+    def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
+        try:
+            key = self.key_for(call.args, call.kwargs)
+        except TypeError:
+            if self.key_fn is None and not self._binds(call):
+                return (yield PROCEED)  # a wrong call: let the function raise its TypeError
+            raise
+        storage = self._storage()
+        if _bypass.get():
+            call.fields["cache"] = "bypass"
+            result = yield PROCEED
+            if storage is not None and (self.cache_if is None or self.cache_if(result)):
+                yield from self._io(storage, self._write, storage, key, result, call)
+            return result
+        entry = None
+        if storage is not None:
+            try:
+                entry = yield from self._io(storage, self._read, storage, key)
+            except StorageError as exc:  # fail open: this call runs without the cache
+                self._warn("cache_unavailable", exc)
+                storage = None
+        if self._fresh(entry):
+            assert entry is not None
+            return self._served(call, entry.value, entry.model, entry.cost, "hit")
+        stale = entry if self.stale_if_error else None
+        return (yield from self._miss(call, storage, key, stale))
+
+    def _binds(self, call: CallRecord) -> bool:
+        try:
+            self.binder.signature.bind(*call.args, **call.kwargs)
+            return True
+        except TypeError:
+            return False
+
+    def _miss(
+        self, call: CallRecord, storage: Storage | None, key: str, stale: Entry | None
+    ) -> Generator[Any, Any, Any]:
+        loop = asyncio.get_running_loop() if call.spec.is_async else None
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None or flight.loop is not loop
+            if flight is None:
+                flight = self._flights[key] = _Flight(loop)
+            elif leader:  # another event loop's flight: coordinate through the storage
+                flight = _Flight(loop)
+        if not leader:
+            waiting = flight
+            ok, value, cost = yield Call(
+                lambda: waiting.wait(self.lock_timeout),
+                lambda: waiting.wait_async(self.lock_timeout),
+            )
+            if ok is True:
+                call.fields["coalesced"] = True
+                return self._served(call, value, call.requested_model(), cost, "hit")
+            if ok is False:
+                if stale is not None:
+                    return self._stale(call, stale, value)
+                raise value
+            flight = _Flight(loop)  # the leader gave up or timed out: go it alone
+        try:
+            return (yield from self._lead(call, storage, key, stale, flight))
+        finally:
+            flight.finish(None, None)  # unblocks waiters if the leader never published
+            with self._lock:
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+
+    def _lead(
+        self,
+        call: CallRecord,
+        storage: Storage | None,
+        key: str,
+        stale: Entry | None,
+        flight: _Flight,
+    ) -> Generator[Any, Any, Any]:
+        lock_key, token = key + ":lock", os.urandom(16)
+        locked: Storage | None = None  # the storage whose lock this call holds
+        if storage is not None:
+            store = storage
+            deadline = time.monotonic() + self.lock_timeout
+            delay = 0.005
+            while True:
+                try:
+                    acquired = yield from self._io(
+                        store, store.add, lock_key, token, self.lock_timeout
+                    )
+                    locked = store if acquired else None
+                    entry = yield from self._io(store, self._read, store, key)
+                except StorageError as exc:
+                    self._warn("cache_unavailable", exc)
+                    storage = None
+                    break
+                if self._fresh(entry):  # another process filled it meanwhile
+                    assert entry is not None
+                    if locked is not None:
+                        yield from self._release(locked, lock_key, token)
+                    flight.finish(True, entry.value, entry.cost)
+                    if locked is None:
+                        call.fields["coalesced"] = True
+                    return self._served(call, entry.value, entry.model, entry.cost, "hit")
+                if locked is not None or time.monotonic() >= deadline:
+                    break
+                yield Sleep(delay, sleep=self.sleep, async_sleep=self.async_sleep)
+                delay = min(delay * 1.5, 0.1)
+        try:
+            try:
+                result = yield PROCEED
+            except Exception as exc:
+                flight.finish(False, exc)
+                if stale is not None:
+                    return self._stale(call, stale, exc)
+                raise
+            with self._lock:
+                self._misses += 1
+            call.fields["cache"] = "miss"
+            if storage is not None and (self.cache_if is None or self.cache_if(result)):
+                try:
+                    yield from self._io(storage, self._write, storage, key, result, call)
+                except TypeError as exc:
+                    flight.finish(False, exc)
+                    raise
+            flight.finish(True, result, call.meter(result).cost)
+            return result
+        finally:
+            if locked is not None:
+                yield from self._release(locked, lock_key, token)
+
+    def _release(self, storage: Storage, lock_key: str, token: bytes) -> Generator[Any, Any, None]:
+        try:
+            yield from self._io(storage, storage.release, lock_key, token)
+        except StorageError as exc:
+            self._warn("cache_unavailable", exc)
+
+    def _stale(self, call: CallRecord, stale: Entry, error: BaseException) -> Any:
+        call.fields["stale_error"] = type(error).__name__
+        return self._served(call, stale.value, stale.model, stale.cost, "stale")
+
+    # -- the function's cache_* methods -------------------------------------------------
+    def info(self) -> CacheInfo:
+        storage = open_storage(self.storage_uri)
+        entries = storage.count_entries(self.prefix)
+        with self._lock:
+            return CacheInfo(self._hits, self._misses, self._stale_hits, self._saved, entries)
+
+    def clear(self) -> None:
+        open_storage(self.storage_uri).clear_entries(self.prefix)
+        with self._lock:
+            self._hits = self._misses = self._stale_hits = 0
+            self._saved = Decimal(0)
+
+
+@overload
+def cached(fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
+
+@overload
+def cached(
+    *,
+    ttl: float | datetime.timedelta | str | None = ...,
+    ignore: Collection[str] = ...,
+    key: Callable[..., Any] | None = ...,
+    version: str | None = ...,
+    cache_if: Callable[[Any], bool] | None = ...,
+    stale_if_error: bool = ...,
+    stale_ttl: float | datetime.timedelta | str | None = ...,
+    storage: str | None = ...,
+    namespace: str = ...,
+    serializer: str = ...,
+    lock_timeout: float | datetime.timedelta | str = ...,
+    clock: Callable[[], float] = ...,
+    sleep: Callable[[float], None] | None = ...,
+    async_sleep: Callable[[float], Awaitable[None]] | None = ...,
+    model: str | _Unset | None = ...,
+    prompt: PromptFn | _Unset | None = ...,
+    log_content: bool | _Unset = ...,
+) -> Callable[[Callable[P, R]], CachedFunction[P, R]]: ...
+
+
+def cached(
+    fn: Any = None,
+    /,
+    *,
+    ttl: float | datetime.timedelta | str | None = None,
+    ignore: Collection[str] = (),
+    key: Callable[..., Any] | None = None,
+    version: str | None = None,
+    cache_if: Callable[[Any], bool] | None = None,
+    stale_if_error: bool = False,
+    stale_ttl: float | datetime.timedelta | str | None = "1d",
+    storage: str | None = None,
+    namespace: str = "default",
+    serializer: str = "json",
+    lock_timeout: float | datetime.timedelta | str = 60,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] | None = None,
+    async_sleep: Callable[[float], Awaitable[None]] | None = None,
+    model: str | _Unset | None = UNSET,
+    prompt: PromptFn | _Unset | None = UNSET,
+    log_content: bool | _Unset = UNSET,
+) -> Any:
+    """Cache the decorated function's results in the storage (local disk by default).
+
+    ``ttl``: seconds, a timedelta or ``"90s"``/``"30m"``/``"12h"``/``"7d"``; None (the
+    default) never expires. The key is the function's name, its code digest, ``version`` and
+    every bound argument but ``self``/``cls`` and those in ``ignore`` (or ``key(*args,
+    **kwargs)`` instead of the arguments). ``cache_if(result)`` False refuses to store.
+    ``stale_if_error``: keep entries ``stale_ttl`` past expiry and serve them when the call
+    raises. ``serializer="pickle"`` stores any picklable value, at the risk that whoever can
+    write the storage can run code in your process; the default stores JSON data and
+    pydantic models only. ``lock_timeout`` bounds how long concurrent misses wait for the
+    one upstream call (and how long a crashed holder blocks them). ``clock``, ``sleep`` and
+    ``async_sleep`` are injectable for tests::
+
+        @llmguard.cached(ttl="7d", ignore=("client",), version="prompt-v2")
+        def summarize(text: str, client=None, *, model: str = "gpt-4o") -> str: ...
+
+        summarize.cache_info()     # CacheInfo(hits=..., misses=..., ...)
+    """
+    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    check_options("cached", options)
+    ttl_s = parse_duration(ttl, "ttl")
+    stale_s = parse_duration(stale_ttl, "stale_ttl")
+    lock_s = parse_duration(lock_timeout, "lock_timeout")
+    if serializer not in ("json", "pickle"):
+        raise ConfigurationError(f"serializer must be 'json' or 'pickle', got {serializer!r}")
+    for name, value in (("key", key), ("cache_if", cache_if), ("clock", clock)):
+        if value is not None and not callable(value):
+            raise ConfigurationError(f"@cached({name}=...) must be callable")
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    if storage is not None:
+        validate_uri(storage)
+    if not isinstance(namespace, str) or not namespace:
+        raise ConfigurationError("@cached(namespace=...) must be a non-empty string")
+
+    def decorate(func: Any) -> Any:
+        if isinstance(func, (classmethod, staticmethod)):
+            return type(func)(decorate(func.__func__))
+        inner = getattr(func, "__llmguard__", None)
+        target = inner.fn if inner is not None and inner.wrapper is func else func
+        if not callable(target) or isinstance(target, str):
+            return guard(func, decorator="cached")  # raises the usual ConfigurationError
+        layer = _CacheLayer(
+            target,
+            full_name(target),
+            ttl=ttl_s,
+            ignore=tuple(ignore),
+            key=key,
+            version=None if version is None else str(version),
+            cache_if=cache_if,
+            stale_if_error=bool(stale_if_error),
+            stale_ttl=stale_s,
+            storage=storage,
+            namespace=namespace,
+            serializer=serializer,
+            lock_timeout=lock_s or 60.0,
+            clock=clock,
+            sleep=sleep,
+            async_sleep=async_sleep,
+        )
+        wrapper = guard(func, decorator="cached", layer=layer, options=options)
+        wrapper.cache_info = layer.info
+        wrapper.cache_clear = layer.clear
+        wrapper.cache_key = lambda *args, **kwargs: layer.public_key(args, kwargs)
+        return wrapper
+
+    return decorate if fn is None else decorate(fn)

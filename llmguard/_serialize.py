@@ -1,0 +1,169 @@
+"""Cache entries: the stored bytes of one result and the call that produced it.
+
+Safe by default: nothing is ever unpickled unless the function opted in with
+``serializer="pickle"``. Plain data is JSON (tuples, bytes and non-string dict keys tagged so
+they come back as they went in); pydantic models (OpenAI ``ChatCompletion``, Anthropic
+``Message``, Responses API objects...) are stored as JSON with their class and rebuilt with
+``model_validate``, and only ``pydantic.BaseModel`` subclasses are ever rebuilt.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+FORMAT = 1
+_SCALARS = (str, int, float, bool, type(None))
+
+
+class EntryError(Exception):
+    """A stored entry cannot be read back (corrupt, foreign or of a refused kind)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A cached result and what its original call used and cost."""
+
+    value: Any
+    model: str | None
+    cost: Decimal | None
+    created: float
+    expires: float | None  # logical expiry; a stale entry may live on past it
+
+
+def _tag(value: Any) -> Any:
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is list:
+        return [_tag(v) for v in value]
+    if kind is tuple:
+        return {"$tuple": [_tag(v) for v in value]}
+    if kind is dict:
+        if all(type(k) is str and not k.startswith("$") for k in value):
+            return {k: _tag(v) for k, v in value.items()}
+        return {"$dict": [[_tag(k), _tag(v)] for k, v in value.items()]}
+    if kind is bytes:
+        return {"$bytes": base64.b64encode(value).decode()}
+    raise TypeError(kind)
+
+
+def _untag(data: Any) -> Any:
+    if type(data) is list:
+        return [_untag(v) for v in data]
+    if type(data) is dict:
+        if len(data) == 1:
+            ((key, inner),) = data.items()
+            if key == "$tuple":
+                return tuple(_untag(v) for v in inner)
+            if key == "$dict":
+                return {_untag(k): _untag(v) for k, v in inner}
+            if key == "$bytes":
+                return base64.b64decode(inner)
+        return {k: _untag(v) for k, v in data.items()}
+    return data
+
+
+def _is_pydantic(value: Any) -> bool:
+    kind = type(value)
+    return any(
+        base.__name__ == "BaseModel" and base.__module__.startswith("pydantic")
+        for base in kind.__mro__
+    )
+
+
+def encode(
+    value: Any,
+    *,
+    serializer: str,
+    model: str | None,
+    cost: Decimal | None,
+    created: float,
+    expires: float | None,
+    function: str,
+) -> bytes:
+    """The entry's bytes; TypeError for a value the chosen serializer cannot store."""
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "function": function,
+        "model": model,
+        "cost": None if cost is None else str(cost),
+        "created": created,
+        "expires": expires,
+    }
+    if serializer == "pickle":
+        import pickle
+
+        doc["kind"] = "pickle"
+        doc["data"] = base64.b64encode(
+            pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        ).decode()
+    elif _is_pydantic(value):
+        doc["kind"] = "pydantic"
+        doc["class"] = f"{type(value).__module__}:{type(value).__qualname__}"
+        doc["data"] = value.model_dump(mode="json", by_alias=True)
+    else:
+        try:
+            doc["data"] = _tag(value)
+        except TypeError:
+            raise TypeError(
+                f"@cached cannot store a {type(value).__module__}.{type(value).__qualname__} "
+                f"returned by {function}: return plain data (str, numbers, lists, tuples, dicts, "
+                "bytes) or a pydantic model, or opt in to serializer='pickle' (only safe when "
+                "nobody else can write the cache storage)"
+            ) from None
+        doc["kind"] = "json"
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode()
+
+
+def decode(raw: bytes, *, function: str, allow_pickle: bool) -> Entry:
+    """The entry in ``raw``; EntryError if corrupt, foreign, or a refused kind."""
+    try:
+        doc = json.loads(raw)
+        if doc["format"] != FORMAT or doc["function"] != function:
+            raise EntryError(
+                f"entry belongs to {doc.get('function')!r}, format {doc.get('format')!r}"
+            )
+        kind = doc["kind"]
+        if kind == "json":
+            value = _untag(doc["data"])
+        elif kind == "pydantic":
+            value = _rebuild(doc["class"], doc["data"])
+        elif kind == "pickle":
+            if not allow_pickle:
+                raise EntryError(
+                    "entry is pickled but this function does not use serializer='pickle'"
+                )
+            import pickle
+
+            value = pickle.loads(base64.b64decode(doc["data"]))
+        else:
+            raise EntryError(f"unknown entry kind {kind!r}")
+        cost = doc["cost"]
+        return Entry(
+            value,
+            doc["model"],
+            None if cost is None else Decimal(cost),
+            doc["created"],
+            doc["expires"],
+        )
+    except EntryError:
+        raise
+    except Exception as exc:
+        raise EntryError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _rebuild(path: str, data: Any) -> Any:
+    module_name, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    from pydantic import BaseModel
+
+    if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
+        raise EntryError(f"{path} is not a pydantic model: refusing to rebuild it")
+    return obj.model_validate(data)
