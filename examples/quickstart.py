@@ -1,4 +1,5 @@
-"""The seed's get_summary, metered by llmguard: every call logs its model, tokens and cost.
+"""The seed's get_summary, cached and metered by llmguard: every call logs its model,
+tokens and cost; the repeated question is served from the cache for $0.
 
 Runs offline against llmguard's fake provider (no API key, no network); with
 OPENAI_API_KEY set it calls the real API instead.
@@ -32,7 +33,7 @@ def main() -> None:
             print(f"# offline: fake provider at {fake.url}", file=sys.stderr)
         llmguard.instrument(client)  # real usage from every call made inside a decorated function
 
-        @llmguard.track
+        @llmguard.cached(ttl="7d", storage="memory://quickstart")  # a repeat costs $0
         def get_summary(text: str, *, model: str = "gpt-4o-mini") -> str:
             response = client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": f"Summarize: {text}"}]
@@ -45,6 +46,7 @@ def main() -> None:
             return text.split(".")[0][:60]
 
         print(get_summary("Generate summary"), file=sys.stderr)
+        print(get_summary("Generate summary"), file=sys.stderr)  # served from the cache
         print(
             get_summary("Quarterly revenue grew 12% while costs fell.", model="gpt-4o"),
             file=sys.stderr,

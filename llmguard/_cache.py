@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import hashlib
 import os
 import re
 import threading
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 from ._config import UNSET, _Unset
 from ._errors import ConfigurationError, StorageError
 from ._events import warn_once
-from ._keys import Binder, canonical, code_digest, digest
+from ._keys import Binder, canonical, code_digest
 from ._pipeline import (
     PROCEED,
     Blocking,
@@ -180,7 +181,8 @@ class _CacheLayer:
         self.stale_ttl = stale_ttl
         self.storage_uri = storage
         self.prefix = f"llmguard:cache:{namespace}:{function}:"
-        self.salt = f"{version or ''}\x00{code_digest(target)}".encode()
+        salt = f"{version or ''}\x00{code_digest(target)}".encode()
+        self._hasher = hashlib.sha256(len(salt).to_bytes(8, "big") + salt)  # copied per key
         self.serializer = serializer
         self.lock_timeout = lock_timeout
         self.clock = clock
@@ -197,7 +199,9 @@ class _CacheLayer:
             material = canonical({"key": self.key_fn(*args, **kwargs)})
         else:
             material = canonical(self.binder.bind(args, kwargs))
-        return self.prefix + digest(self.salt, material)
+        h = self._hasher.copy()
+        h.update(material)
+        return self.prefix + h.hexdigest()
 
     def public_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         try:

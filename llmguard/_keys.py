@@ -14,7 +14,6 @@ import datetime
 import enum
 import hashlib
 import inspect
-import json
 import types
 import uuid
 from collections.abc import Callable, Collection, Mapping
@@ -78,47 +77,56 @@ class Binder:
         return {k: v for k, v in full.arguments.items() if k not in self.ignored}
 
 
-def _canon(value: Any, where: str) -> Any:
-    """A JSON-able, type-tagged, order-free form of ``value`` (TypeError if unsupported)."""
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    """A tagged, length-prefixed piece: no encoding of one value is a prefix of another's."""
+    return tag + len(data).to_bytes(8, "big") + data
+
+
+def _encode(value: Any, where: str) -> bytes:
+    """Canonical bytes of ``value``: type-tagged, order-free for dicts and sets, injective
+    (different values of supported types never share bytes). TypeError if unsupported."""
     kind = type(value)
     if kind is str:
-        return value
-    if value is None or kind is bool:
-        return [kind.__name__, value]
+        return _chunk(b"s", value.encode("utf-8", "surrogatepass"))
+    if value is None:
+        return b"N"
+    if kind is bool:
+        return b"T" if value else b"F"
     if kind is int:
-        return ["int", str(value)]
+        return _chunk(b"i", str(value).encode())
     if kind is float:
-        return ["float", repr(value)]
+        return _chunk(b"f", repr(value).encode())
     if kind in (list, tuple):
-        return [kind.__name__, [_canon(item, where) for item in value]]
+        return _chunk(b"l" if kind is list else b"t", b"".join(_encode(v, where) for v in value))
     if kind is dict:
-        items = [(_dump(_canon(k, where)), _canon(v, where)) for k, v in value.items()]
-        return ["dict", sorted(items, key=lambda pair: pair[0])]
+        pairs = sorted((_encode(k, where), _encode(v, where)) for k, v in value.items())
+        return _chunk(b"d", b"".join(k + v for k, v in pairs))
     if kind in (set, frozenset):
-        return [kind.__name__, sorted(_dump(_canon(item, where)) for item in value)]
+        items = sorted(_encode(v, where) for v in value)
+        return _chunk(b"S" if kind is set else b"Z", b"".join(items))
     if kind in (bytes, bytearray):
-        return [kind.__name__, bytes(value).hex()]
+        return _chunk(b"b" if kind is bytes else b"B", bytes(value))
     if isinstance(value, enum.Enum):
-        return ["enum", _qualname(kind), _canon(value.value, where)]
+        return _chunk(b"e", _encode(_qualname(kind), where) + _encode(value.value, where))
     if kind in (datetime.datetime, datetime.date, datetime.time):
-        return [kind.__name__, value.isoformat()]
+        return _chunk(b"D", _encode(kind.__name__, where) + _encode(value.isoformat(), where))
     if kind is datetime.timedelta:
-        return ["timedelta", repr(value.total_seconds())]
+        return _chunk(b"r", repr(value.total_seconds()).encode())
     if kind is Decimal:
-        return ["decimal", str(value)]
+        return _chunk(b"m", str(value).encode())
     if kind is uuid.UUID:
-        return ["uuid", str(value)]
+        return _chunk(b"u", value.bytes)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return ["dataclass", _qualname(kind), _canon(fields, where)]
+        return _chunk(b"c", _encode(_qualname(kind), where) + _encode(fields, where))
     dump = getattr(value, "model_dump", None)
     if callable(dump) and hasattr(kind, "model_fields"):
-        return ["pydantic", _qualname(kind), _canon(dump(mode="json"), where)]
-    # Subclasses of the plain types (a str Enum is handled above): encode as their base.
+        return _chunk(b"p", _encode(_qualname(kind), where) + _encode(dump(mode="json"), where))
+    # Subclasses of the plain types (a str Enum is handled above): their class and base value.
     bases: tuple[type[Any], ...] = (str, int, float, list, tuple, dict)
     for base in bases:
         if isinstance(value, base):
-            return ["sub", _qualname(kind), _canon(base(value), where)]
+            return _chunk(b"x", _encode(_qualname(kind), where) + _encode(base(value), where))
     raise TypeError(
         f"cannot make a cache key from argument {where!r} of type {_qualname(kind)}: pass "
         f"plain data (str, numbers, lists, dicts, dataclasses, pydantic models...), or leave "
@@ -130,21 +138,11 @@ def _qualname(kind: type) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def _dump(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
 def canonical(arguments: Mapping[str, Any]) -> bytes:
     """The canonical bytes of bound arguments (names sorted, values type-tagged)."""
-    return _dump([[name, _canon(arguments[name], name)] for name in sorted(arguments)]).encode()
-
-
-def digest(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(len(part).to_bytes(8, "big"))
-        h.update(part)
-    return h.hexdigest()
+    return b"".join(
+        _encode(name, name) + _encode(arguments[name], name) for name in sorted(arguments)
+    )
 
 
 def code_digest(fn: Any) -> str:

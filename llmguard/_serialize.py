@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-FORMAT = 1
+FORMAT = 2
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -86,8 +86,10 @@ def encode(
     expires: float | None,
     function: str,
 ) -> bytes:
-    """The entry's bytes; TypeError for a value the chosen serializer cannot store."""
-    doc: dict[str, Any] = {
+    """The entry's bytes: one JSON header line, then the payload (UTF-8 text for a str,
+    JSON for plain data and pydantic models, pickle bytes only when opted in). TypeError
+    for a value the chosen serializer cannot store."""
+    header: dict[str, Any] = {
         "format": FORMAT,
         "function": function,
         "model": model,
@@ -95,20 +97,22 @@ def encode(
         "created": created,
         "expires": expires,
     }
+    payload: bytes
     if serializer == "pickle":
         import pickle
 
-        doc["kind"] = "pickle"
-        doc["data"] = base64.b64encode(
-            pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        ).decode()
+        header["kind"] = "pickle"
+        payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    elif type(value) is str:
+        header["kind"] = "str"
+        payload = value.encode("utf-8", "surrogatepass")
     elif _is_pydantic(value):
-        doc["kind"] = "pydantic"
-        doc["class"] = f"{type(value).__module__}:{type(value).__qualname__}"
-        doc["data"] = value.model_dump(mode="json", by_alias=True)
+        header["kind"] = "pydantic"
+        header["class"] = f"{type(value).__module__}:{type(value).__qualname__}"
+        payload = _json(value.model_dump(mode="json", by_alias=True))
     else:
         try:
-            doc["data"] = _tag(value)
+            payload = _json(_tag(value))
         except TypeError:
             raise TypeError(
                 f"@cached cannot store a {type(value).__module__}.{type(value).__qualname__} "
@@ -116,23 +120,30 @@ def encode(
                 "bytes) or a pydantic model, or opt in to serializer='pickle' (only safe when "
                 "nobody else can write the cache storage)"
             ) from None
-        doc["kind"] = "json"
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode()
+        header["kind"] = "json"
+    return _json(header) + b"\n" + payload
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def decode(raw: bytes, *, function: str, allow_pickle: bool) -> Entry:
     """The entry in ``raw``; EntryError if corrupt, foreign, or a refused kind."""
     try:
-        doc = json.loads(raw)
-        if doc["format"] != FORMAT or doc["function"] != function:
+        head, _, payload = raw.partition(b"\n")
+        header = json.loads(head)
+        if header["format"] != FORMAT or header["function"] != function:
             raise EntryError(
-                f"entry belongs to {doc.get('function')!r}, format {doc.get('format')!r}"
+                f"entry belongs to {header.get('function')!r}, format {header.get('format')!r}"
             )
-        kind = doc["kind"]
-        if kind == "json":
-            value = _untag(doc["data"])
+        kind = header["kind"]
+        if kind == "str":
+            value: Any = payload.decode("utf-8", "surrogatepass")
+        elif kind == "json":
+            value = _untag(json.loads(payload))
         elif kind == "pydantic":
-            value = _rebuild(doc["class"], doc["data"])
+            value = _rebuild(header["class"], json.loads(payload))
         elif kind == "pickle":
             if not allow_pickle:
                 raise EntryError(
@@ -140,16 +151,16 @@ def decode(raw: bytes, *, function: str, allow_pickle: bool) -> Entry:
                 )
             import pickle
 
-            value = pickle.loads(base64.b64decode(doc["data"]))
+            value = pickle.loads(payload)
         else:
             raise EntryError(f"unknown entry kind {kind!r}")
-        cost = doc["cost"]
+        cost = header["cost"]
         return Entry(
             value,
-            doc["model"],
+            header["model"],
             None if cost is None else Decimal(cost),
-            doc["created"],
-            doc["expires"],
+            header["created"],
+            header["expires"],
         )
     except EntryError:
         raise

@@ -22,8 +22,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -97,14 +96,29 @@ class Storage(ABC):
         return f"<{type(self).__name__} {self.uri!r}>"
 
 
-@contextmanager
-def _wrapped(uri: str, what: str) -> Iterator[None]:
-    try:
-        yield
-    except (StorageError, ConfigurationError):
-        raise
-    except Exception as exc:
-        raise StorageError(f"{what} failed: {type(exc).__name__}: {exc}", uri=uri) from exc
+class _wrapped:
+    """``with _wrapped(uri, "get"):`` turns a backend's exception into a StorageError.
+    (A class, not @contextmanager: it runs on every cache hit.)"""
+
+    __slots__ = ("uri", "what")
+
+    def __init__(self, uri: str, what: str) -> None:
+        self.uri = uri
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None or not isinstance(exc, Exception):
+            return
+        if isinstance(exc, (StorageError, ConfigurationError)):
+            return
+        raise StorageError(
+            f"{self.what} failed: {type(exc).__name__}: {exc}", uri=self.uri
+        ) from exc
 
 
 class MemoryStorage(Storage):

@@ -712,7 +712,10 @@ def test_corrupt_entry_is_a_miss_with_one_warning(backend: str, events: Captured
         return text
 
     storage = llmguard.open_storage(backend)
-    for junk in (b"\x00not json", b'{"format": 1, "function": "someone.else", "kind": "json"}'):
+    for junk in (
+        b"\x00not json",
+        b'{"format": 2, "function": "someone.else", "kind": "str"}\nhello',
+    ):
         storage.set_entry(f.cache_key("x"), junk)
         assert f("x") == "x"
     assert f("x") == "x"
@@ -751,9 +754,9 @@ def test_foreign_class_is_never_rebuilt(tmp_path: Path, events: CapturedEvents) 
         return "computed"
 
     planted = (
-        b'{"format":1,"function":"tests.test_cache.test_foreign_class_is_never_rebuilt.<locals>.f",'
+        b'{"format":2,"function":"tests.test_cache.test_foreign_class_is_never_rebuilt.<locals>.f",'
         b'"model":null,"cost":null,"created":0,"expires":null,"kind":"pydantic",'
-        b'"class":"subprocess:Popen","data":["echo","pwned"]}'
+        b'"class":"subprocess:Popen"}\n["echo","pwned"]'
     )
     llmguard.open_storage(uri).set_entry(f.cache_key("x"), planted)
     assert f("x") == "computed"

@@ -20,8 +20,10 @@ def test_quickstart_runs_offline_and_prints_cost_events() -> None:
         check=True,
     )
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [e["event"] for e in events] == ["llm_call"] * 3
-    assert [e["model"] for e in events] == ["gpt-4o-mini", "gpt-4o", "gpt-4o-mini"]
-    assert [e["cost_source"] for e in events] == ["usage", "usage", "estimate"]
-    assert all(e["cost_usd"] > 0 for e in events)
+    assert [e["event"] for e in events] == ["llm_call"] * 4
+    assert [e["model"] for e in events] == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o", "gpt-4o-mini"]
+    assert [e["cost_source"] for e in events] == ["usage", "cache", "usage", "estimate"]
+    assert [e.get("cache") for e in events] == ["miss", "hit", "miss", None]
+    assert events[1]["cost_usd"] == 0
+    assert events[1]["saved_usd"] == events[0]["cost_usd"] > 0
     assert "Fake reply about: Summarize: Generate summary" in result.stderr
