@@ -809,3 +809,60 @@ def test_redis_unreachable_fails_open(flavour: str, events: CapturedEvents) -> N
     assert runs == [1, 1]
     assert len(events.of("cache_unavailable")) == 1
     assert [e["outcome"] for e in events.calls] == ["ok", "ok"]
+
+
+def test_waiting_tasks_get_the_leaders_exception() -> None:
+    runs: list[int] = []
+
+    @llmguard.cached
+    async def failing(text: str) -> str:
+        runs.append(1)
+        await asyncio.sleep(0.1)
+        raise RuntimeError("upstream 500")
+
+    async def main() -> list[BaseException | str]:
+        return await asyncio.gather(*(failing("same") for _ in range(16)), return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert runs == [1]
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+def test_redis_expires_entries_by_its_own_ttl(redis_uri: str) -> None:
+    import redis
+
+    @llmguard.cached(storage=redis_uri, ttl="90s")
+    def f(text: str) -> str:
+        return text
+
+    @llmguard.cached(storage=redis_uri, ttl="90s", stale_if_error=True, stale_ttl="1h")
+    def g(text: str) -> str:
+        return text
+
+    @llmguard.cached(storage=redis_uri)
+    def forever(text: str) -> str:
+        return text
+
+    f("x")
+    g("x")
+    forever("x")
+    client = redis.Redis.from_url(redis_uri)
+    assert 85_000 < client.pttl(f.cache_key("x")) <= 90_000
+    assert 3_680_000 < client.pttl(g.cache_key("x")) <= 3_690_000  # ttl + stale_ttl
+    assert client.pttl(forever.cache_key("x")) == -1
+
+
+def test_async_methods(backend: str) -> None:
+    runs: list[str] = []
+
+    class Bot:
+        @llmguard.cached(storage=backend)
+        async def ask(self, question: str) -> str:
+            runs.append(question)
+            return question[::-1]
+
+    async def main() -> list[str]:
+        return [await Bot().ask("abc"), await Bot().ask("abc")]
+
+    assert asyncio.run(main()) == ["cba", "cba"]
+    assert runs == ["abc"]
