@@ -5,8 +5,11 @@ requested model echoed, a request log, injectable latency and prompt-cache hits.
 from __future__ import annotations
 
 import json
+import math
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,14 +61,65 @@ def default_reply(request: FakeRequest) -> str:
     return "Fake reply about: " + " ".join(words[:12]) if words else "Fake reply."
 
 
+class _Window:
+    """The provider's own limits: a moving window of (time, tokens) per admitted request."""
+
+    def __init__(self, rpm: int | None, tpm: int | None, window: float) -> None:
+        self.rpm, self.tpm, self.window = rpm, tpm, window
+        self.log: deque[tuple[float, int]] = deque()
+
+    def admit(self, tokens: int, now: float) -> tuple[str | None, float, dict[str, float]]:
+        """(refused kind or None, seconds until it would pass, remaining/reset numbers)."""
+        while self.log and self.log[0][0] <= now - self.window:
+            self.log.popleft()
+        used = sum(t for _, t in self.log)
+        refused, wait = None, 0.0
+        if self.rpm is not None and len(self.log) + 1 > self.rpm:
+            refused, wait = "requests", self.log[len(self.log) - self.rpm][0] + self.window - now
+        elif self.tpm is not None and used + tokens > self.tpm:
+            refused, freed = "tokens", 0
+            wait = self.window
+            for at, spent in self.log:
+                freed += spent
+                if used - freed + tokens <= self.tpm:
+                    wait = at + self.window - now
+                    break
+        if refused is None:
+            self.log.append((now, tokens))
+            used += tokens
+        oldest = self.log[0][0] + self.window - now if self.log else 0.0
+        numbers = {
+            "remaining_requests": float(max((self.rpm or 0) - len(self.log), 0)),
+            "remaining_tokens": float(max((self.tpm or 0) - used, 0)),
+            "reset": max(oldest, 0.0),
+        }
+        return refused, max(wait, 0.001), numbers
+
+
+@dataclass
+class _Fault:
+    kind: str  # "status" | "drop" | "slow"
+    status: int = 500
+    retry_after: float | None = None
+    seconds: float = 0.0
+
+
 @dataclass
 class _Options:
     reply: Callable[[FakeRequest], str]
     latency: float | Callable[[FakeRequest], float]
     cached_tokens: int | Callable[[FakeRequest], int]
+    limits: _Window
+    quota_exhausted: bool = False
     requests: list[FakeRequest] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    faults: deque[_Fault] = field(default_factory=deque)
     lock: threading.Lock = field(default_factory=threading.Lock)
     ids: Any = field(default_factory=lambda: count(1))
+
+
+class _Refused(Exception):
+    """The request was answered with an error already."""
 
 
 class FakeLLMServer:
@@ -85,6 +139,15 @@ class FakeLLMServer:
     ``reply`` computes the answer text from the request, ``latency`` (seconds, or a
     function of the request) delays every answer, ``cached_tokens`` (int or function)
     reports that many prompt tokens as served from the provider's prompt cache.
+
+    Limits and faults, as real providers have them: ``rpm`` / ``tpm`` are enforced over a
+    moving ``window`` (60 s by default; shorter in tests) with OpenAI-style 429s
+    (``retry-after``, ``retry-after-ms``, ``x-ratelimit-*`` headers, ``code:
+    rate_limit_exceeded``) or Anthropic-style ones (``anthropic-ratelimit-*``) on
+    ``/v1/messages``; a request's tokens are its prompt plus ``max_tokens`` (or the reply).
+    ``quota_exhausted=True`` answers every request with OpenAI's ``insufficient_quota`` 429.
+    :meth:`fail_next`, :meth:`drop_next` and :meth:`slow_next` inject faults;
+    :attr:`statuses` lists every status code answered.
     """
 
     def __init__(
@@ -93,10 +156,20 @@ class FakeLLMServer:
         reply: Callable[[FakeRequest], str] = default_reply,
         latency: float | Callable[[FakeRequest], float] = 0.0,
         cached_tokens: int | Callable[[FakeRequest], int] = 0,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        window: float = 60.0,
+        quota_exhausted: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self._options = _Options(reply=reply, latency=latency, cached_tokens=cached_tokens)
+        self._options = _Options(
+            reply=reply,
+            latency=latency,
+            cached_tokens=cached_tokens,
+            limits=_Window(rpm, tpm, window),
+            quota_exhausted=quota_exhausted,
+        )
         self._host = host
         self._port = port
         self._server: ThreadingHTTPServer | None = None
@@ -107,7 +180,7 @@ class FakeLLMServer:
         if self._server is not None:
             return self
         handler = type("Handler", (_Handler,), {"options": self._options})
-        server = ThreadingHTTPServer((self._host, self._port), handler)
+        server = _Server((self._host, self._port), handler)
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(
@@ -177,9 +250,51 @@ class FakeLLMServer:
         with self._options.lock:
             return list(self._options.requests)
 
+    @property
+    def statuses(self) -> list[int]:
+        """The status code of every answer so far (0 for a dropped connection)."""
+        with self._options.lock:
+            return list(self._options.statuses)
+
     def clear(self) -> None:
         with self._options.lock:
             self._options.requests.clear()
+            self._options.statuses.clear()
+
+    @property
+    def quota_exhausted(self) -> bool:
+        return self._options.quota_exhausted
+
+    @quota_exhausted.setter
+    def quota_exhausted(self, value: bool) -> None:
+        self._options.quota_exhausted = value
+
+    # -- faults ----------------------------------------------------------------------------
+    def fail_next(self, n: int = 1, status: int = 500, *, retry_after: float | None = None) -> None:
+        """Answer the next ``n`` requests with ``status`` (429 and 529 in the provider's own
+        format), with a ``retry-after`` header when given."""
+        with self._options.lock:
+            self._options.faults.extend(_Fault("status", status, retry_after) for _ in range(n))
+
+    def drop_next(self, n: int = 1) -> None:
+        """Close the connection of the next ``n`` requests without answering."""
+        with self._options.lock:
+            self._options.faults.extend(_Fault("drop") for _ in range(n))
+
+    def slow_next(self, n: int = 1, seconds: float = 1.0) -> None:
+        """Delay the next ``n`` answers by ``seconds`` (to trigger client timeouts)."""
+        with self._options.lock:
+            self._options.faults.extend(_Fault("slow", seconds=seconds) for _ in range(n))
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(int(seconds * 1000), 1)}ms"
+    minutes, rest = divmod(seconds, 60)
+    if minutes:
+        return f"{int(minutes)}m{rest:.0f}s"
+    return f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
 
 
 def _value(option: Any, request: FakeRequest) -> Any:
@@ -195,32 +310,114 @@ class _Answer(NamedTuple):
     cached_tokens: int
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return  # the client gave up (a timeout test): nothing to report
+        super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     options: _Options
+    _limit_headers: dict[str, str]
     protocol_version = "HTTP/1.1"
     server_version = "llmguard-fake-llm/1"
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
+    def _send(
+        self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("x-request-id", f"req_fake_{next(self.options.ids)}")
+        for name, value in {**getattr(self, "_limit_headers", {}), **(headers or {})}.items():
+            self.send_header(name, value)
+        with self.options.lock:  # logged before the client can read it
+            self.options.statuses.append(status)
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        if self.path.rstrip("/").endswith("/messages"):
-            self._send(status, {"type": "error", "error": {"type": kind, "message": message}})
+    @property
+    def _anthropic(self) -> bool:
+        return self.path.rstrip("/").endswith("/messages")
+
+    def _error(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        if self._anthropic:
+            payload: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
         else:
-            self._send(
-                status, {"error": {"message": message, "type": kind, "param": None, "code": None}}
+            payload = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        self._send(status, payload, headers)
+
+    def _fault(self, fault: _Fault) -> None:
+        headers = {}
+        if fault.retry_after is not None:
+            headers["retry-after"] = f"{fault.retry_after:g}"
+            headers["retry-after-ms"] = str(int(fault.retry_after * 1000))
+        if fault.status == 429:
+            kind = "rate_limit_error" if self._anthropic else "requests"
+            self._error(429, "Rate limit reached (injected)", kind, "rate_limit_exceeded", headers)
+        elif fault.status == 529:
+            self._error(529, "Overloaded", "overloaded_error", None, headers)
+        else:
+            self._error(
+                fault.status, f"Injected failure {fault.status}", "api_error", None, headers
             )
 
+    def _admit(self, request: FakeRequest, tokens: int) -> None:
+        """Enforce RPM/TPM; raises _Refused after answering 429."""
+        window = self.options.limits
+        if window.rpm is None and window.tpm is None:
+            return
+        with self.options.lock:
+            refused, wait, numbers = window.admit(tokens, time.time())
+        reset = _duration(numbers["reset"])
+        if self._anthropic:
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + numbers["reset"]))
+            self._limit_headers = {
+                "anthropic-ratelimit-requests-limit": str(window.rpm or 0),
+                "anthropic-ratelimit-requests-remaining": str(int(numbers["remaining_requests"])),
+                "anthropic-ratelimit-requests-reset": at,
+                "anthropic-ratelimit-tokens-limit": str(window.tpm or 0),
+                "anthropic-ratelimit-tokens-remaining": str(int(numbers["remaining_tokens"])),
+                "anthropic-ratelimit-tokens-reset": at,
+            }
+        else:
+            self._limit_headers = {
+                "x-ratelimit-limit-requests": str(window.rpm or 0),
+                "x-ratelimit-remaining-requests": str(int(numbers["remaining_requests"])),
+                "x-ratelimit-reset-requests": reset,
+                "x-ratelimit-limit-tokens": str(window.tpm or 0),
+                "x-ratelimit-remaining-tokens": str(int(numbers["remaining_tokens"])),
+                "x-ratelimit-reset-tokens": reset,
+            }
+        if refused is None:
+            return
+        headers = {
+            "retry-after": str(max(1, math.ceil(wait))),
+            "retry-after-ms": str(math.ceil(wait * 1000)),
+        }
+        limit = window.rpm if refused == "requests" else window.tpm
+        message = (
+            f"Rate limit reached for {request.model} on {refused} per {window.window:g}s: "
+            f"Limit {limit}. Please try again in {_duration(wait)}."
+        )
+        kind = "rate_limit_error" if self._anthropic else refused
+        self._error(429, message, kind, "rate_limit_exceeded", headers)
+        raise _Refused
+
     def do_POST(self) -> None:
+        self._limit_headers = {}  # one handler serves a whole keep-alive connection
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         try:
@@ -245,6 +442,26 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("stream"):
             self._error(400, "the fake server does not stream yet")
             return
+        with self.options.lock:
+            fault = self.options.faults.popleft() if self.options.faults else None
+        if fault is not None and fault.kind == "drop":
+            with self.options.lock:
+                self.options.statuses.append(0)
+            self.close_connection = True
+            return
+        if fault is not None and fault.kind == "slow":
+            time.sleep(fault.seconds)
+        elif fault is not None:
+            self._fault(fault)
+            return
+        if self.options.quota_exhausted:
+            self._error(
+                429,
+                "You exceeded your current quota, please check your plan and billing details.",
+                "insufficient_quota",
+                "insufficient_quota",
+            )
+            return
         routes = {
             "/v1/chat/completions": self._chat,
             "/v1/responses": self._responses,
@@ -254,17 +471,26 @@ class _Handler(BaseHTTPRequestHandler):
         if route is None:
             self._error(404, f"no such endpoint: {path}", "not_found_error")
             return
-        route(request)
+        try:
+            route(request)
+        except _Refused:
+            pass
 
     def _answer(self, request: FakeRequest, messages: list[Any], tools: Any = None) -> _Answer:
         """The reply to ``request`` and its usage, counted as the provider would."""
         model = request.model or ""
         prompt = int(count_message_tokens(messages, model, tools=tools))
         text = self.options.reply(request)
-        cached = max(0, min(int(_value(self.options.cached_tokens, request)), prompt))
-        return _Answer(
-            next(self.options.ids), model, text, prompt, int(count_tokens(text, model)), cached
+        completion = int(count_tokens(text, model))
+        body = request.body
+        budget = (
+            body.get("max_tokens")
+            or body.get("max_completion_tokens")
+            or body.get("max_output_tokens")
         )
+        self._admit(request, prompt + (budget if isinstance(budget, int) else completion))
+        cached = max(0, min(int(_value(self.options.cached_tokens, request)), prompt))
+        return _Answer(next(self.options.ids), model, text, prompt, completion, cached)
 
     def _chat(self, request: FakeRequest) -> None:
         body = request.body

@@ -80,3 +80,92 @@ def test_stopped_server_has_no_url() -> None:
         server.url  # noqa: B018
     with server:
         assert server.url.startswith("http://127.0.0.1:")
+
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def test_rpm_is_enforced_with_openai_style_429s() -> None:
+    import openai
+
+    with FakeLLMServer(rpm=3, window=1.0) as fake:
+        client = fake.openai_client()
+        for _ in range(3):
+            response = client.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=MESSAGES
+            )
+            assert response.headers["x-ratelimit-limit-requests"] == "3"
+        assert response.headers["x-ratelimit-remaining-requests"] == "0"
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        error = info.value
+        assert error.code == "rate_limit_exceeded"
+        headers = error.response.headers
+        assert 1 <= int(headers["retry-after"]) <= 2
+        assert 0 < int(headers["retry-after-ms"]) <= 1000
+        assert headers["x-ratelimit-reset-requests"].endswith("ms")
+        time.sleep(1.05)
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        assert fake.statuses == [200, 200, 200, 429, 200]
+
+
+def test_tpm_counts_prompt_plus_max_tokens() -> None:
+    import openai
+
+    with FakeLLMServer(tpm=100, window=1.0) as fake:
+        client = fake.openai_client()
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=80)
+        with pytest.raises(openai.RateLimitError, match="tokens"):
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=80)
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=3)
+
+
+def test_insufficient_quota_mode() -> None:
+    import openai
+
+    with FakeLLMServer(quota_exhausted=True) as fake:
+        with pytest.raises(openai.RateLimitError) as info:
+            fake.openai_client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        assert info.value.code == "insufficient_quota"
+        fake.quota_exhausted = False
+        fake.openai_client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+
+def test_anthropic_style_limits_and_overload() -> None:
+    import anthropic
+
+    with FakeLLMServer(rpm=1, window=1.0) as fake:
+        client = fake.anthropic_client()
+        request = {"model": "claude-3-5-haiku-latest", "max_tokens": 10, "messages": MESSAGES}
+        raw = client.messages.with_raw_response.create(**request)
+        assert raw.headers["anthropic-ratelimit-requests-limit"] == "1"
+        assert raw.headers["anthropic-ratelimit-requests-remaining"] == "0"
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            client.messages.create(**request)
+        assert limited.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+        assert "retry-after" in limited.value.response.headers
+        time.sleep(1.05)
+        fake.fail_next(1, 529, retry_after=2)
+        with pytest.raises(anthropic.InternalServerError) as overloaded:
+            client.messages.create(**request)
+        assert overloaded.value.status_code == 529
+        assert overloaded.value.response.headers["retry-after"] == "2"
+
+
+def test_fault_injection_with_the_sdk(fake_llm: FakeLLMServer) -> None:
+    import openai
+
+    client = fake_llm.openai_client(timeout=0.5)
+    fake_llm.fail_next(2, 503)
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    fake_llm.drop_next(1)
+    with pytest.raises(openai.APIConnectionError):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    fake_llm.slow_next(1, seconds=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert fake_llm.statuses[:3] == [503, 503, 0]
+    assert 200 in fake_llm.statuses[3:]
