@@ -7,11 +7,18 @@ on first use.
 
 from ._cache import CachedFunction, CacheInfo, bypass_cache, cached
 from ._config import configure
-from ._errors import ConfigurationError, LLMGuardError, StorageError
+from ._errors import (
+    ConfigurationError,
+    LLMGuardError,
+    RateLimitExceeded,
+    RequestTooLarge,
+    StorageError,
+)
 from ._events import configure_logging
 from ._instrument import instrument, record_usage
 from ._pipeline import CallRecord, current_call
 from ._prices import ModelPrice, calc_cost, get_price, set_price
+from ._retry import retry_on_rate_limit
 from ._storage import Storage, open_storage, register_storage
 from ._tokens import TokenCount, count_message_tokens, count_tokens
 from ._track import track
@@ -25,6 +32,8 @@ __all__ = [
     "ConfigurationError",
     "LLMGuardError",
     "ModelPrice",
+    "RateLimitExceeded",
+    "RequestTooLarge",
     "Storage",
     "StorageError",
     "TokenCount",
@@ -43,6 +52,7 @@ __all__ = [
     "open_storage",
     "record_usage",
     "register_storage",
+    "retry_on_rate_limit",
     "set_price",
     "track",
 ]
