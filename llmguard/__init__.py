@@ -18,6 +18,7 @@ from ._events import configure_logging
 from ._instrument import instrument, record_usage
 from ._pipeline import CallRecord, current_call
 from ._prices import ModelPrice, calc_cost, get_price, set_price
+from ._ratelimit import rate_limited
 from ._retry import retry_on_rate_limit
 from ._storage import Storage, open_storage, register_storage
 from ._tokens import TokenCount, count_message_tokens, count_tokens
@@ -50,6 +51,7 @@ __all__ = [
     "get_price",
     "instrument",
     "open_storage",
+    "rate_limited",
     "record_usage",
     "register_storage",
     "retry_on_rate_limit",
