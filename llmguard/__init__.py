@@ -7,6 +7,7 @@ on first use.
 
 from ._cache import CachedFunction, CacheInfo, bypass_cache, cached
 from ._config import configure
+from ._debounce import debounced
 from ._errors import (
     ConfigurationError,
     LLMGuardError,
@@ -48,6 +49,7 @@ __all__ = [
     "count_message_tokens",
     "count_tokens",
     "current_call",
+    "debounced",
     "get_price",
     "instrument",
     "open_storage",

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 from ._config import UNSET, _Unset
 from ._errors import ConfigurationError, StorageError
 from ._events import warn_once
+from ._flight import Flight
 from ._keys import Binder, canonical, code_digest
 from ._pipeline import (
     PROCEED,
@@ -115,40 +116,6 @@ class CachedFunction(Protocol[P, R]):
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
 
-class _Flight:
-    """One in-process upstream call that identical concurrent misses wait for."""
-
-    __slots__ = ("event", "future", "loop", "outcome")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.event = threading.Event()
-        self.loop = loop
-        self.future: asyncio.Future[Any] | None = loop.create_future() if loop is not None else None
-        self.outcome: tuple[bool | None, Any, Decimal | None] = (None, None, None)
-
-    def finish(self, ok: bool | None, value: Any, cost: Decimal | None = None) -> None:
-        if self.event.is_set():
-            return
-        self.outcome = (ok, value, cost)
-        self.event.set()
-        if self.future is not None and not self.future.done():
-            self.future.set_result(None)  # the leader runs in this loop's thread
-
-    def wait(self, timeout: float) -> tuple[bool | None, Any, Decimal | None]:
-        self.event.wait(timeout)
-        return self.outcome
-
-    async def wait_async(self, timeout: float) -> tuple[bool | None, Any, Decimal | None]:
-        loop = asyncio.get_running_loop()
-        if self.future is not None and self.loop is loop:
-            try:
-                await asyncio.wait_for(asyncio.shield(self.future), timeout)
-            except asyncio.TimeoutError:
-                pass
-            return self.outcome
-        return await loop.run_in_executor(None, self.wait, timeout)
-
-
 class _CacheLayer:
     """The ``@cached`` policy for one function."""
 
@@ -188,7 +155,7 @@ class _CacheLayer:
         self.clock = clock
         self.sleep = sleep
         self.async_sleep = async_sleep
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, Flight] = {}
         self._lock = threading.Lock()
         self._hits = self._misses = self._stale_hits = 0
         self._saved = Decimal(0)
@@ -335,23 +302,23 @@ class _CacheLayer:
             flight = self._flights.get(key)
             leader = flight is None or flight.loop is not loop
             if flight is None:
-                flight = self._flights[key] = _Flight(loop)
+                flight = self._flights[key] = Flight(loop)
             elif leader:  # another event loop's flight: coordinate through the storage
-                flight = _Flight(loop)
+                flight = Flight(loop)
         if not leader:
             waiting = flight
-            ok, value, cost = yield Call(
+            ok, value, cost, model = yield Call(
                 lambda: waiting.wait(self.lock_timeout),
                 lambda: waiting.wait_async(self.lock_timeout),
             )
             if ok is True:
                 call.fields["coalesced"] = True
-                return self._served(call, value, call.requested_model(), cost, "hit")
+                return self._served(call, value, model or call.requested_model(), cost, "hit")
             if ok is False:
                 if stale is not None:
                     return self._stale(call, stale, value)
                 raise value
-            flight = _Flight(loop)  # the leader gave up or timed out: go it alone
+            flight = Flight(loop)  # the leader gave up or timed out: go it alone
         try:
             return (yield from self._lead(call, storage, key, stale, flight))
         finally:
@@ -366,7 +333,7 @@ class _CacheLayer:
         storage: Storage | None,
         key: str,
         stale: Entry | None,
-        flight: _Flight,
+        flight: Flight,
     ) -> Generator[Any, Any, Any]:
         lock_key, token = key + ":lock", os.urandom(16)
         locked: Storage | None = None  # the storage whose lock this call holds
@@ -389,7 +356,7 @@ class _CacheLayer:
                     assert entry is not None
                     if locked is not None:
                         yield from self._release(locked, lock_key, token)
-                    flight.finish(True, entry.value, entry.cost)
+                    flight.finish(True, entry.value, entry.cost, entry.model)
                     if locked is None:
                         call.fields["coalesced"] = True
                     return self._served(call, entry.value, entry.model, entry.cost, "hit")
@@ -414,7 +381,8 @@ class _CacheLayer:
                 except TypeError as exc:
                     flight.finish(False, exc)
                     raise
-            flight.finish(True, result, call.meter(result).cost)
+            metering = call.meter(result)
+            flight.finish(True, result, metering.cost, metering.model)
             return result
         finally:
             if locked is not None:

@@ -319,10 +319,12 @@ class CallRecord:
             self.metering = _settle(self, result, error)
         return self.metering
 
-    def serve_cached(self, model: str | None, saved_usd: Decimal | None) -> None:
-        """Record that no provider was paid: the result came from a cache worth
-        ``saved_usd`` (the original call's cost)."""
-        self.metering = Metering(model, 0, 0, _ZERO, "cache")
+    def serve_cached(
+        self, model: str | None, saved_usd: Decimal | None, source: str = "cache"
+    ) -> None:
+        """Record that no provider was paid for this call: its result was another call's
+        (from the cache, or shared by ``@debounced``), worth ``saved_usd``."""
+        self.metering = Metering(model, 0, 0, _ZERO, source)
         self.fields["saved_usd"] = None if saved_usd is None else float(saved_usd)
 
     def prompt(self) -> tuple[Any, list[str]]:

@@ -1,0 +1,53 @@
+"""Sharing one call's outcome among concurrent callers (``@cached``, ``@debounced``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from decimal import Decimal
+from typing import Any
+
+Outcome = tuple[bool | None, Any, Decimal | None, str | None]
+"""(ok, result or exception, cost, model)."""
+
+
+class Flight:
+    """One upstream call that concurrent callers in this process wait for and share.
+
+    The leader runs the call and ``finish``es the flight with its outcome; followers
+    ``wait`` (threads) or ``wait_async`` (asyncio tasks: on the leader's loop they await a
+    future, from another loop they wait in a worker thread)."""
+
+    __slots__ = ("event", "future", "loop", "outcome")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.event = threading.Event()
+        self.loop = loop
+        self.future: asyncio.Future[Any] | None = loop.create_future() if loop is not None else None
+        self.outcome: Outcome = (None, None, None, None)
+
+    def finish(
+        self, ok: bool | None, value: Any, cost: Decimal | None = None, model: str | None = None
+    ) -> None:
+        """Publish the outcome once: ``ok`` True (``value`` is the result), False (``value``
+        is the exception) or None (no outcome: followers must go it alone)."""
+        if self.event.is_set():
+            return
+        self.outcome = (ok, value, cost, model)
+        self.event.set()
+        if self.future is not None and not self.future.done():
+            self.future.set_result(None)  # the leader runs in this loop's thread
+
+    def wait(self, timeout: float | None) -> Outcome:
+        self.event.wait(timeout)
+        return self.outcome
+
+    async def wait_async(self, timeout: float | None) -> Outcome:
+        loop = asyncio.get_running_loop()
+        if self.future is not None and self.loop is loop:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.future), timeout)
+            except asyncio.TimeoutError:
+                pass
+            return self.outcome
+        return await loop.run_in_executor(None, self.wait, timeout)
