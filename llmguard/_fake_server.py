@@ -4,6 +4,7 @@ requested model echoed, a request log, injectable latency and prompt-cache hits.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import sys
@@ -29,6 +30,8 @@ class FakeRequest:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    at: float = 0.0
+    """When it arrived (``time.time()``)."""
 
     @property
     def model(self) -> str | None:
@@ -66,12 +69,11 @@ class _Window:
 
     def __init__(self, rpm: int | None, tpm: int | None, window: float) -> None:
         self.rpm, self.tpm, self.window = rpm, tpm, window
-        self.log: deque[tuple[float, int]] = deque()
+        self.log: list[tuple[float, int]] = []  # sorted by time
 
     def admit(self, tokens: int, now: float) -> tuple[str | None, float, dict[str, float]]:
         """(refused kind or None, seconds until it would pass, remaining/reset numbers)."""
-        while self.log and self.log[0][0] <= now - self.window:
-            self.log.popleft()
+        del self.log[: bisect.bisect_right(self.log, (now - self.window, float("inf")))]
         used = sum(t for _, t in self.log)
         refused, wait = None, 0.0
         if self.rpm is not None and len(self.log) + 1 > self.rpm:
@@ -84,8 +86,8 @@ class _Window:
                 if used - freed + tokens <= self.tpm:
                     wait = at + self.window - now
                     break
-        if refused is None:
-            self.log.append((now, tokens))
+        if refused is None:  # requests are stamped on arrival, admitted a little later
+            bisect.insort(self.log, (now, tokens))
             used += tokens
         oldest = self.log[0][0] + self.window - now if self.log else 0.0
         numbers = {
@@ -380,7 +382,7 @@ class _Handler(BaseHTTPRequestHandler):
         if window.rpm is None and window.tpm is None:
             return
         with self.options.lock:
-            refused, wait, numbers = window.admit(tokens, time.time())
+            refused, wait, numbers = window.admit(tokens, request.at)  # at arrival, as providers do
         reset = _duration(numbers["reset"])
         if self._anthropic:
             at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + numbers["reset"]))
@@ -430,7 +432,9 @@ class _Handler(BaseHTTPRequestHandler):
             for k, v in self.headers.items()
         }
         path = self.path.split("?", 1)[0].rstrip("/")
-        request = FakeRequest("POST", path, headers, body if isinstance(body, dict) else {})
+        request = FakeRequest(
+            "POST", path, headers, body if isinstance(body, dict) else {}, time.time()
+        )
         with self.options.lock:
             self.options.requests.append(request)
         delay = float(_value(self.options.latency, request))

@@ -2,9 +2,10 @@
 machines, by waiting (or failing fast) before the call rather than drawing 429s.
 
 Built on ``limits``. Request limits use its *moving window* storages (exact: one timestamp
-per request), with the window widened by a small safety ``margin`` (50 ms by default): a
-call starts a little after its grant (a commit, a thread waking up), so without it two
-starts a hair under a window apart could share one window. Token limits use limits'
+per request), with the window widened by a small safety ``margin`` (by default 2% of the
+window, at least 50 ms): a request reaches the provider a little after its grant (a commit,
+a thread waking up, the network), so without it two requests a hair under a window apart
+could land in one provider window and draw a 429. Token limits use limits'
 *sliding window counter*, because a moving window stores one entry per unit of cost (per
 token); the counter approximates the window from two counters, weighting the previous one
 by how much of it still overlaps.
@@ -90,7 +91,7 @@ class _RateLimitLayer:
         max_wait: float,
         storage: str | None,
         default_output_tokens: int,
-        margin: float,
+        margin: float | None,
         sleep: Callable[[float], None] | None,
         async_sleep: Callable[[float], Awaitable[None]] | None,
     ) -> None:
@@ -132,9 +133,14 @@ class _RateLimitLayer:
                 return prompt + budget
         return prompt + self.default_output_tokens
 
+    def _expiry(self, item: Any) -> float:
+        """The request window, widened by the margin (default: 2% of it, at least 50 ms)."""
+        window = float(item.get_expiry())
+        return window + (self.margin if self.margin is not None else max(0.05, 0.02 * window))
+
     def _moving_wait(self, storage: Any, item: Any, ids: tuple[str, ...]) -> float:
         """Seconds until the widened moving window has a free slot (0 if it has one)."""
-        expiry = item.get_expiry() + self.margin
+        expiry = self._expiry(item)
         oldest, count = storage.get_moving_window(item.key_for(*ids), item.amount, expiry)
         if count < item.amount:
             return 0.0
@@ -153,7 +159,7 @@ class _RateLimitLayer:
             if not sliding.test(item, *ids, cost=cost):
                 return self._sliding_wait(sliding, item, ids), item
         for item in self.requests:
-            expiry = item.get_expiry() + self.margin
+            expiry = self._expiry(item)
             if not storage.acquire_entry(item.key_for(*ids), item.amount, expiry):
                 return max(self._moving_wait(storage, item, ids), 0.005), item
         for item in self.tokens:
@@ -220,7 +226,7 @@ def rate_limited(
     max_wait: float = 30,
     storage: str | None = None,
     default_output_tokens: int = 1024,
-    margin: float = 0.05,
+    margin: float | None = None,
     sleep: Callable[[float], None] | None = None,
     async_sleep: Callable[[float], Awaitable[None]] | None = None,
     model: str | _Unset | None = UNSET,
@@ -239,8 +245,9 @@ def rate_limited(
     ``max_wait``; ``block=False`` raises at once. A call needing more tokens than a whole
     window allows raises ``RequestTooLarge``. The limit holds across processes (local
     storage, the default), in one process (``memory://``) or across machines
-    (``redis://``). ``margin`` widens request windows by that many seconds, so starts seen
-    by the function (a little after their grant) still fit the rate. The event gets
+    (``redis://``). ``margin`` widens request windows by that many seconds (default: 2% of
+    the window, at least 50 ms), so requests still fit the provider's window when they reach
+    it a little after their grant. The event gets
     ``rate_wait_s``.
     """
     if rate is not None and not isinstance(rate, str):
@@ -255,8 +262,8 @@ def rate_limited(
     check_options("rate_limited", options)
     if not isinstance(max_wait, (int, float)) or max_wait < 0:
         raise ConfigurationError(f"max_wait must be seconds >= 0, got {max_wait!r}")
-    if not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-        raise ConfigurationError(f"margin must be seconds in [0, 1), got {margin!r}")
+    if margin is not None and (not isinstance(margin, (int, float)) or margin < 0):
+        raise ConfigurationError(f"margin must be seconds >= 0, got {margin!r}")
     if not isinstance(default_output_tokens, int) or default_output_tokens < 0:
         raise ConfigurationError("default_output_tokens must be an int >= 0")
     if key is not None and not callable(key):
@@ -276,7 +283,7 @@ def rate_limited(
         max_wait=float(max_wait),
         storage=storage,
         default_output_tokens=default_output_tokens,
-        margin=float(margin),
+        margin=None if margin is None else float(margin),
         sleep=sleep,
         async_sleep=async_sleep,
     )
