@@ -158,18 +158,24 @@ def main() -> None:
     args = parser.parse_args()
     variants = ["bare-sdk", "sdk-retries", "llmguard-retry", "llmguard-limit+retry"]
     print(
-        f"provider limit: {args.rpm} requests per {args.window} s; workload {args.requests} requests, "
-        f"{PROCESSES} processes x {THREADS} threads"
+        f"provider limit: {args.rpm} requests per {args.window} s; workload {args.requests} "
+        f"requests, {PROCESSES} processes x {THREADS} threads"
     )
-    print(
-        f"{'variant':22} {'completed':>9} {'failed':>6} {'sent':>5} {'429s':>5} {'429 %':>6} {'seconds':>8} {'% of limit':>10}"
-    )
+    header = ("variant", "completed", "failed", "sent", "429s", "429 %", "seconds", "% of limit")
+    print("{:22} {:>9} {:>6} {:>5} {:>5} {:>6} {:>8} {:>10}".format(*header))
     for variant in [args.only] if args.only else variants:
         r = run(variant, args)
-        print(
-            f"{r['variant']:22} {r['completed']:9} {r['failed']:6} {r['requests_sent']:5} {r['429s']:5} "
-            f"{100 * r['429_share']:5.1f}% {r['seconds']:8.1f} {r['throughput_pct_of_limit']:9.1f}%"
+        row = (
+            r["variant"],
+            r["completed"],
+            r["failed"],
+            r["requests_sent"],
+            r["429s"],
+            f"{100 * r['429_share']:.1f}%",
+            f"{r['seconds']:.1f}",
+            f"{r['throughput_pct_of_limit']:.1f}%",
         )
+        print("{:22} {:>9} {:>6} {:>5} {:>5} {:>6} {:>8} {:>10}".format(*row))
         sys.stdout.flush()
 
 

@@ -130,6 +130,16 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (it may be swapped, e.g. by tests)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmguard",
@@ -165,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._events import configure_logging
 
     # The command is an application: its own warnings go to stderr, data to stdout.
-    configure_logging(json=False, file=sys.stderr, level="WARNING")
+    configure_logging(json=False, file=_Stderr(), level="WARNING")
     if getattr(args, "run", None) is None:
         parser.print_help()
         return EXIT_USAGE

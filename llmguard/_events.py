@@ -11,9 +11,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, Protocol
 
 Sink = Callable[[str, dict[str, Any]], None]
+
+
+class Writable(Protocol):
+    """Anything with ``write(str)`` and ``flush()``: a file, ``sys.stdout``, a StringIO."""
+
+    def write(self, text: str, /) -> Any: ...
+
+    def flush(self) -> Any: ...
+
 
 _sinks: tuple[Sink, ...] = ()
 _sinks_lock = threading.Lock()
@@ -104,7 +113,7 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 def configure_logging(
     *,
     json: bool = True,
-    file: str | IO[str] | None = None,
+    file: str | IO[str] | Writable | None = None,
     level: str = "INFO",
 ) -> None:
     """Set up structlog for an application that has no logging configured.
@@ -127,7 +136,7 @@ def configure_logging(
         raise ConfigurationError(
             f"unknown log level {level!r}: use one of {', '.join(n.upper() for n in _LEVELS)}"
         ) from None
-    stream: IO[str]
+    stream: IO[str] | Writable
     if file is None:
         stream = sys.stdout
     elif isinstance(file, str):

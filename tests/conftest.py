@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 _SHARED_TIKTOKEN = Path(__file__).resolve().parents[1].parent / "shared" / "tiktoken-cache"
 if _SHARED_TIKTOKEN.is_dir() and "TIKTOKEN_CACHE_DIR" not in os.environ:
@@ -32,6 +33,8 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     _storage.close_storages()
     _config.reset_configuration()
     _prices.reset_prices()
+    structlog.reset_defaults()  # a test (or the CLI run in-process) may have configured it
+    _events._logger = None
 
 
 @pytest.fixture
