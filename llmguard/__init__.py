@@ -5,12 +5,17 @@ modules. ``import llmguard`` loads no tokenizer, price table or storage backend:
 on first use.
 """
 
+from ._budget import BudgetStatus, budget, budget_status, reset_budget
 from ._cache import CachedFunction, CacheInfo, bypass_cache, cached
 from ._config import configure
 from ._debounce import debounced
 from ._errors import (
+    BudgetExceeded,
+    BudgetUnavailable,
+    CallTooExpensive,
     ConfigurationError,
     LLMGuardError,
+    PriceUnknown,
     RateLimitExceeded,
     RequestTooLarge,
     StorageError,
@@ -28,12 +33,17 @@ from ._usage import Usage
 from ._version import __version__
 
 __all__ = [
+    "BudgetExceeded",
+    "BudgetStatus",
+    "BudgetUnavailable",
     "CacheInfo",
     "CachedFunction",
     "CallRecord",
+    "CallTooExpensive",
     "ConfigurationError",
     "LLMGuardError",
     "ModelPrice",
+    "PriceUnknown",
     "RateLimitExceeded",
     "RequestTooLarge",
     "Storage",
@@ -41,6 +51,8 @@ __all__ = [
     "TokenCount",
     "Usage",
     "__version__",
+    "budget",
+    "budget_status",
     "bypass_cache",
     "cached",
     "calc_cost",
@@ -56,6 +68,7 @@ __all__ = [
     "rate_limited",
     "record_usage",
     "register_storage",
+    "reset_budget",
     "retry_on_rate_limit",
     "set_price",
     "track",

@@ -7,15 +7,22 @@ The tree::
     │                             configure() time, never in the middle of a call
     ├── StorageError              a storage backend failed (disk full, Redis unreachable, ...);
     │                             the backend's own exception is chained as ``__cause__``
-    └── RateLimitExceeded         @rate_limited could not start the call within max_wait (or
-        │                         block=False); ``retry_after`` says when it could
-        └── RequestTooLarge       the call needs more tokens than the limit allows at all:
-                                  waiting cannot help, so it is never retried
+    ├── RateLimitExceeded         @rate_limited could not start the call within max_wait (or
+    │   │                         block=False); ``retry_after`` says when it could
+    │   └── RequestTooLarge       the call needs more tokens than the limit allows at all:
+    │                             waiting cannot help, so it is never retried
+    ├── BudgetExceeded            @budget refused the call: it would take spend past the limit
+    │   └── CallTooExpensive      the call's own estimate is above max_call_usd
+    ├── BudgetUnavailable         the budget's ledger cannot be reached (fail closed)
+    └── PriceUnknown              a budget cannot be enforced on a model without a price
 
 Each message says what went wrong and what to do about it.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
 
 
 class LLMGuardError(Exception):
@@ -56,3 +63,48 @@ class RequestTooLarge(RateLimitExceeded):
     """The call needs more tokens than its token limit allows in a whole window: it can never
     pass, so it fails at once instead of waiting forever, and is never retried. Lower the
     prompt or ``max_tokens``, or raise the limit."""
+
+
+class BudgetExceeded(LLMGuardError):
+    """A call was refused because it could take spend past its budget.
+
+    Names the budget, its key, the limit, what is spent and reserved, the call's estimate
+    and when the window resets; wait for ``resets_at``, raise the limit, or use a cheaper
+    model.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        budget: str,
+        key: str | None,
+        limit_usd: Decimal,
+        spent_usd: Decimal,
+        reserved_usd: Decimal,
+        estimate_usd: Decimal,
+        resets_at: datetime | None,
+    ) -> None:
+        super().__init__(message)
+        self.budget = budget
+        self.key = key
+        self.limit_usd = limit_usd
+        self.spent_usd = spent_usd
+        self.reserved_usd = reserved_usd
+        self.estimate_usd = estimate_usd
+        self.resets_at = resets_at
+
+
+class CallTooExpensive(BudgetExceeded):
+    """The call's worst-case estimate is above the budget's ``max_call_usd``: shorten the
+    prompt or lower ``max_tokens``."""
+
+
+class BudgetUnavailable(LLMGuardError):
+    """The budget's ledger cannot be reached (Redis down...): calls are refused rather than
+    run unmetered. ``@budget(fail_open=True)`` lets them through instead."""
+
+
+class PriceUnknown(LLMGuardError):
+    """A budget cannot be enforced for a model without a price: add one with
+    ``llmguard.set_price(model, input_per_mtok=..., output_per_mtok=...)``."""

@@ -179,6 +179,7 @@ class FunctionSpec:
     model_default: str | None = None
     messages_index: int | None = None
     has_messages_kw: bool = False
+    params: dict[str, tuple[int | None, Any]] = field(default_factory=dict, repr=False)
     wrapper: Callable[..., Any] | None = field(default=None, repr=False)
 
     @classmethod
@@ -194,6 +195,9 @@ class FunctionSpec:
             return spec
         for index, param in enumerate(parameters):
             positional = param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
+            if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                default = None if param.default is param.empty else param.default
+                spec.params[param.name] = (index if positional else None, default)
             if param.name == "model":
                 spec.model_index = index if positional else None
                 if isinstance(param.default, str):
@@ -267,6 +271,16 @@ class CallRecord:
         if isinstance(model, str):
             return model
         return spec.model or spec.model_default
+
+    def argument(self, name: str, default: Any = None) -> Any:
+        """The value of parameter ``name`` in this call: passed by keyword or position, else
+        the signature's default, else ``default``."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        index, declared = self.spec.params.get(name, (None, None))
+        if index is not None and index < len(self.args):
+            return self.args[index]
+        return declared if declared is not None else default
 
     def set(self, **fields: Any) -> None:
         """Add fields to this call's ``llm_call`` event."""

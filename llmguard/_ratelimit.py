@@ -123,12 +123,12 @@ class _RateLimitLayer:
         model = call.requested_model()
         messages, texts = call.prompt()
         if messages is not None:
-            prompt = int(count_message_tokens(messages, model, tools=call.kwargs.get("tools")))
+            prompt = int(count_message_tokens(messages, model, tools=call.argument("tools")))
         else:
             counter = counter_for(model)
             prompt = sum(counter.count(text) for text in texts)
         for name in _OUTPUT_BUDGET_ARGS:
-            budget = call.kwargs.get(name)
+            budget = call.argument(name)
             if isinstance(budget, int) and not isinstance(budget, bool):
                 return prompt + budget
         return prompt + self.default_output_tokens

@@ -130,7 +130,11 @@ class MemoryStorage(Storage):
         self.uri = uri
         self._clock = clock
         self._data: dict[str, tuple[Any, float | None]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+
+    def atomic(self) -> Any:
+        """A block in which get/set/... of this storage are one atomic step."""
+        return self._lock
 
     def _live(self, key: str) -> Any:
         item = self._data.get(key)
@@ -252,6 +256,11 @@ class LocalStorage(Storage):
         with _wrapped(self.uri, "opening the cache folder"):
             ensure_private_dir(folder)
             return diskcache.Cache(str(folder), disk=_safe_disk(), timeout=60, **settings)
+
+    def atomic(self) -> Any:
+        """A block in which get/set/... are one atomic step across every process (an SQLite
+        transaction on the state database)."""
+        return self.cache.transact()
 
     @property
     def cache(self) -> Any:

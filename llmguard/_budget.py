@@ -1,0 +1,493 @@
+"""``@budget``: a hard spend cap that holds under concurrency.
+
+LiteLLM-style budgets check spend before a call and add it after, so concurrent calls walk
+past the limit together. llmguard *reserves* first: before the call, its worst case (prompt
+tokens x input price + output budget x output price, on the model the call will use) is
+atomically reserved only if spent + reserved + estimate fits the limit; after the call the
+reservation is released and the real cost added. Reservations expire, so a killed process
+cannot hold budget forever. Windows are calendar-aligned in ``tz``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_CEILING, Decimal
+from typing import Any, ParamSpec, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from ._config import UNSET, _Unset
+from ._errors import (
+    BudgetExceeded,
+    BudgetUnavailable,
+    CallTooExpensive,
+    ConfigurationError,
+    PriceUnknown,
+    StorageError,
+)
+from ._events import emit
+from ._ledger import PICO, Ledger, ledger_for
+from ._pipeline import PROCEED, Blocking, CallRecord, PromptFn, check_options, guard
+from ._prices import get_price
+from ._storage import open_storage, validate_uri
+from ._tokens import count_message_tokens, counter_for
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_PERIODS = ("hour", "day", "week", "month", "total")
+_OUTPUT_BUDGET_ARGS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_registry: dict[str, _BudgetLayer] = {}
+_registry_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """A budget window's state: what is spent, reserved by calls in flight, and left."""
+
+    name: str
+    key: str | None
+    limit_usd: Decimal
+    spent_usd: Decimal
+    reserved_usd: Decimal
+    remaining_usd: Decimal
+    window_start: datetime | None
+    resets_at: datetime | None
+
+
+def _usd(pico: int) -> Decimal:
+    return (Decimal(pico) / PICO).normalize()
+
+
+def _pico(usd: Decimal) -> int:
+    return int((usd * PICO).to_integral_value(rounding=ROUND_CEILING))
+
+
+def window_of(period: str | timedelta, now: datetime) -> tuple[datetime | None, datetime | None]:
+    """(start, reset) of the window holding ``now`` (timezone-aware), calendar-aligned."""
+    if period == "total":
+        return None, None
+    if isinstance(period, timedelta):
+        step = period.total_seconds()
+        start_ts = (now.timestamp() // step) * step
+        start = datetime.fromtimestamp(start_ts, now.tzinfo)
+        return start, datetime.fromtimestamp(start_ts + step, now.tzinfo)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "hour":
+        start = now.replace(minute=0, second=0, microsecond=0)
+        end = start + timedelta(hours=1)
+    elif period == "day":
+        start, end = midnight, midnight + timedelta(days=1)
+    elif period == "week":
+        start = midnight - timedelta(days=midnight.weekday())
+        end = start + timedelta(days=7)
+    else:  # month
+        start = midnight.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+    # Wall-clock arithmetic across a DST change: normalise through UTC.
+    return start, end.replace(tzinfo=None).replace(tzinfo=now.tzinfo)
+
+
+class _BudgetLayer:
+    def __init__(
+        self,
+        *,
+        name: str | None,
+        limit: Decimal,
+        period: str | timedelta,
+        key: Callable[..., Any] | None,
+        on_exceed: Any,
+        alert_at: tuple[float, ...],
+        on_alert: Callable[[BudgetStatus], Any] | None,
+        max_call_usd: Decimal | None,
+        storage: str | None,
+        tz: ZoneInfo,
+        reservation_ttl: float,
+        unknown_price: str,
+        default_output_tokens: int,
+        fail_open: bool,
+        clock: Callable[[], float],
+    ) -> None:
+        self.name = name
+        self.limit = limit
+        self.limit_pico = _pico(limit)
+        self.period = period
+        self.key_fn = key
+        self.on_exceed = on_exceed
+        self.alert_at = alert_at
+        self.on_alert = on_alert
+        self.max_call = max_call_usd
+        self.storage_uri = storage
+        self.tz = tz
+        self.reservation_ttl = reservation_ttl
+        self.unknown_price = unknown_price
+        self.default_output_tokens = default_output_tokens
+        self.fail_open = fail_open
+        self.clock = clock
+        self._ledger: Ledger | None = None
+        self._remote = False
+
+    # -- plumbing ------------------------------------------------------------------------
+    def ledger(self, storage: str | None = None) -> Ledger:
+        """The ledger on this budget's storage (or on ``storage``, for the operator API)."""
+        if storage is not None and storage != self.storage_uri:
+            validate_uri(storage)
+            return ledger_for(open_storage(storage))
+        if self._ledger is None:
+            opened = open_storage(self.storage_uri)
+            self._ledger = ledger_for(opened)
+            self._remote = opened.remote
+        return self._ledger
+
+    def _window(self) -> tuple[str, datetime | None, datetime | None, float | None]:
+        now = datetime.fromtimestamp(self.clock(), self.tz)
+        start, end = window_of(self.period, now)
+        window_id = (
+            "total" if start is None else start.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        )
+        ttl = None if end is None else max((end - now).total_seconds(), 1.0) + 86400
+        return window_id, start, end, ttl
+
+    def _ledger_key(self, name: str, key: str | None, window_id: str) -> str:
+        return f"llmguard:budget:{name}:{key or '-'}:{window_id}"
+
+    def status(self, name: str, key: str | None, storage: str | None = None) -> BudgetStatus:
+        window_id, start, end, _ = self._window()
+        spent, reserved = self.ledger(storage).status(
+            self._ledger_key(name, key, window_id), int(self.clock() * 1000)
+        )
+        return self._status(name, key, spent, reserved, start, end)
+
+    def _status(
+        self,
+        name: str,
+        key: str | None,
+        spent: int,
+        reserved: int,
+        start: datetime | None,
+        end: datetime | None,
+    ) -> BudgetStatus:
+        return BudgetStatus(
+            name=name,
+            key=key,
+            limit_usd=self.limit,
+            spent_usd=_usd(spent),
+            reserved_usd=_usd(reserved),
+            remaining_usd=max(_usd(self.limit_pico - spent - reserved), Decimal(0)),
+            window_start=start,
+            resets_at=end,
+        )
+
+    def reset(self, name: str, key: str | None, storage: str | None = None) -> None:
+        window_id, *_ = self._window()
+        self.ledger(storage).reset(self._ledger_key(name, key, window_id))
+
+    # -- the worst case of a call ----------------------------------------------------------
+    def estimate(self, call: CallRecord) -> tuple[str | None, Decimal | None]:
+        model = call.requested_model()
+        price = get_price(model) if model else None
+        if price is None:
+            return model, None
+        messages, texts = call.prompt()
+        if messages is not None:
+            prompt = int(count_message_tokens(messages, model, tools=call.argument("tools")))
+        else:
+            counter = counter_for(model)
+            prompt = sum(counter.count(text) for text in texts)
+        output = self.default_output_tokens
+        for arg in _OUTPUT_BUDGET_ARGS:
+            value = call.argument(arg)
+            if isinstance(value, int) and not isinstance(value, bool):
+                output = value
+                break
+        return model, price.cost(prompt, output)
+
+    # -- the policy ----------------------------------------------------------------------
+    def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
+        name = self.name or call.spec.name
+        key = None if self.key_fn is None else str(self.key_fn(*call.args, **call.kwargs))
+        model, estimate = self.estimate(call)
+        call.fields["budget"] = name
+        if estimate is None:
+            if self.unknown_price == "refuse":
+                raise PriceUnknown(
+                    f"budget {name!r} cannot be enforced: no price for model {model!r}. Add one "
+                    f"with llmguard.set_price({model!r}, input_per_mtok=..., output_per_mtok=...)"
+                )
+            estimate = Decimal(0)
+        if self.max_call is not None and estimate > self.max_call:
+            raise CallTooExpensive(
+                f"{call.spec.name}: this call could cost up to ${estimate} on {model}, above "
+                f"budget {name!r}'s max_call_usd ${self.max_call}: shorten the prompt or lower "
+                "max_tokens",
+                budget=name,
+                key=key,
+                limit_usd=self.limit,
+                spent_usd=Decimal(0),
+                reserved_usd=Decimal(0),
+                estimate_usd=estimate,
+                resets_at=None,
+            )
+        window_id, start, end, ttl = self._window()
+        ledger_key = self._ledger_key(name, key, window_id)
+        rid = os.urandom(8).hex()
+        amount = _pico(estimate)
+        now_ms = int(self.clock() * 1000)
+        try:
+            ledger = self.ledger()
+            reserve = functools.partial(
+                ledger.reserve,
+                ledger_key,
+                self.limit_pico,
+                amount,
+                rid,
+                now_ms + int(self.reservation_ttl * 1000),
+                now_ms,
+                ttl,
+            )
+            ok, spent, reserved = (yield Blocking(reserve)) if self._remote else reserve()
+        except StorageError as exc:
+            if not self.fail_open:
+                raise BudgetUnavailable(
+                    f"budget {name!r}: its ledger cannot be reached ({exc}); calls are refused "
+                    "rather than run unmetered. @budget(fail_open=True) lets them through."
+                ) from exc
+            emit("warning", "budget_unavailable", {"budget": name, "error": str(exc)[:300]})
+            return (yield PROCEED)
+        if not ok:
+            status = self._status(name, key, spent, reserved, start, end)
+            call.fields["budget_remaining_usd"] = float(status.remaining_usd)
+            if self.on_exceed == "raise":
+                raise BudgetExceeded(
+                    f"budget {name!r}{'' if key is None else f' (key {key!r})'} would be exceeded: "
+                    f"limit ${self.limit}, spent ${status.spent_usd}, reserved "
+                    f"${status.reserved_usd}, this call up to ${estimate}; resets "
+                    f"{'never (per=total)' if end is None else end.isoformat()}",
+                    budget=name,
+                    key=key,
+                    limit_usd=self.limit,
+                    spent_usd=status.spent_usd,
+                    reserved_usd=status.reserved_usd,
+                    estimate_usd=estimate,
+                    resets_at=end,
+                )
+            if callable(self.on_exceed):
+                call.fields["budget_exceeded"] = True
+                return self.on_exceed(status)
+            emit(
+                "warning",
+                "budget_exceeded",
+                {"budget": name, "key": key, "estimate_usd": float(estimate)},
+            )
+            rid = ""  # "warn": proceed unreserved, and record what it spends
+        error: BaseException | None = None
+        result: Any = None
+        try:
+            result = yield PROCEED
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            metering = call.meter(result, error)
+            if error is not None and not call.usages:
+                actual = 0  # nothing was billed: release the reservation
+            else:
+                cost = metering.cost if metering.cost is not None else estimate
+                actual = _pico(cost)
+            yield from self._settle(
+                call, name, key, ledger_key, rid or None, actual, ttl, start, end
+            )
+        return result
+
+    def _settle(
+        self,
+        call: CallRecord,
+        name: str,
+        key: str | None,
+        ledger_key: str,
+        rid: str | None,
+        actual: int,
+        ttl: float | None,
+        start: datetime | None,
+        end: datetime | None,
+    ) -> Generator[Any, Any, None]:
+        ledger = self.ledger()
+        now_ms = int(self.clock() * 1000)
+        settle = functools.partial(ledger.settle, ledger_key, rid, actual, now_ms, ttl)
+        try:
+            spent, reserved = (yield Blocking(settle)) if self._remote else settle()
+        except StorageError as exc:
+            emit("warning", "budget_unavailable", {"budget": name, "error": str(exc)[:300]})
+            return
+        status = self._status(name, key, spent, reserved, start, end)
+        call.fields["budget_spent_usd"] = float(status.spent_usd)
+        call.fields["budget_remaining_usd"] = float(status.remaining_usd)
+        if self.alert_at and self.limit_pico:
+            fraction = spent / self.limit_pico
+            for threshold in self.alert_at:
+                if fraction >= threshold:
+                    yield from self._alert(ledger_key, threshold, status, ttl)
+
+    def _alert(
+        self, ledger_key: str, threshold: float, status: BudgetStatus, ttl: float | None
+    ) -> Generator[Any, Any, None]:
+        storage = open_storage(self.storage_uri)
+        flag = functools.partial(storage.add, f"{ledger_key}:alert:{threshold}", b"1", ttl)
+        try:
+            first = (yield Blocking(flag)) if self._remote else flag()
+        except StorageError:
+            return
+        if not first:
+            return  # this threshold already alerted in this window, in some process
+        emit(
+            "warning",
+            "budget_alert",
+            {
+                "budget": status.name,
+                "key": status.key,
+                "threshold": threshold,
+                "limit_usd": float(status.limit_usd),
+                "spent_usd": float(status.spent_usd),
+                "remaining_usd": float(status.remaining_usd),
+                "window_start": None
+                if status.window_start is None
+                else status.window_start.isoformat(),
+                "resets_at": None if status.resets_at is None else status.resets_at.isoformat(),
+            },
+        )
+        if self.on_alert is not None:
+            self.on_alert(status)
+
+
+def _decimal_usd(value: Any, what: str) -> Decimal:
+    try:
+        number = value if isinstance(value, Decimal) else Decimal(str(value))
+    except Exception:
+        raise ConfigurationError(f"{what} must be a number of USD, got {value!r}") from None
+    if not number.is_finite() or number < 0 or isinstance(value, bool):
+        raise ConfigurationError(f"{what} must be a finite number of USD >= 0, got {value!r}")
+    return number
+
+
+def budget(
+    *,
+    usd: float | str | Decimal,
+    per: str | timedelta = "day",
+    name: str | None = None,
+    key: Callable[..., Any] | None = None,
+    on_exceed: str | Callable[[BudgetStatus], Any] = "raise",
+    alert_at: tuple[float, ...] = (0.5, 0.8, 1.0),
+    on_alert: Callable[[BudgetStatus], Any] | None = None,
+    max_call_usd: float | str | Decimal | None = None,
+    storage: str | None = None,
+    tz: str = "UTC",
+    reservation_ttl: float = 300,
+    unknown_price: str = "refuse",
+    default_output_tokens: int = 1024,
+    fail_open: bool = False,
+    clock: Callable[[], float] = time.time,
+    model: str | _Unset | None = UNSET,
+    prompt: PromptFn | _Unset | None = UNSET,
+    log_content: bool | _Unset = UNSET,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Cap spend at ``usd`` per ``per`` ("hour", "day", "week", "month", "total" or a
+    timedelta), calendar-aligned in ``tz``.
+
+    Before each call its worst case (estimated prompt x input price + output budget x output
+    price, on the model it will use) is reserved atomically, only if it fits; otherwise
+    ``on_exceed``: ``"raise"`` (``BudgetExceeded``), ``"warn"`` (log and proceed), or a
+    callable whose return value replaces the call. After the call the reservation is released
+    and the real cost (usage, else the estimate) added; on an exception without usage,
+    released. Budgets with the same ``name`` share one ledger across functions, processes
+    and (with Redis) machines; ``key(*args, **kwargs)`` gives one budget per user or tenant.
+    ``max_call_usd`` refuses any single call that could cost more (``CallTooExpensive``).
+    ``alert_at`` thresholds log one ``budget_alert`` per window (across processes) and call
+    ``on_alert(status)``. An unreachable ledger refuses calls (``BudgetUnavailable``) unless
+    ``fail_open``; a model without a price is refused (``PriceUnknown``) unless
+    ``unknown_price="allow"``. The decorated function gains ``budget_status(key=None)``.
+    """
+    limit = _decimal_usd(usd, "usd")
+    if isinstance(per, timedelta):
+        if per.total_seconds() <= 0:
+            raise ConfigurationError("per must be a positive timedelta")
+    elif per not in _PERIODS:
+        raise ConfigurationError(
+            f"per must be one of {', '.join(_PERIODS)} or a timedelta, got {per!r}"
+        )
+    if not (on_exceed in ("raise", "warn") or callable(on_exceed)):
+        raise ConfigurationError("on_exceed must be 'raise', 'warn' or a callable")
+    if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in alert_at):
+        raise ConfigurationError("alert_at thresholds must be fractions in (0, 1]")
+    if unknown_price not in ("refuse", "allow"):
+        raise ConfigurationError("unknown_price must be 'refuse' or 'allow'")
+    if not isinstance(reservation_ttl, (int, float)) or reservation_ttl <= 0:
+        raise ConfigurationError("reservation_ttl must be seconds > 0")
+    try:
+        zone = ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigurationError(f"unknown time zone {tz!r}") from None
+    if storage is not None:
+        validate_uri(storage)
+    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    check_options("budget", options)
+    layer = _BudgetLayer(
+        name=name,
+        limit=limit,
+        period=per,
+        key=key,
+        on_exceed=on_exceed,
+        alert_at=tuple(sorted(alert_at)),
+        on_alert=on_alert,
+        max_call_usd=None if max_call_usd is None else _decimal_usd(max_call_usd, "max_call_usd"),
+        storage=storage,
+        tz=zone,
+        reservation_ttl=float(reservation_ttl),
+        unknown_price=unknown_price,
+        default_output_tokens=default_output_tokens,
+        fail_open=fail_open,
+        clock=clock,
+    )
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        wrapper = guard(func, decorator="budget", layer=layer, options=options)
+        budget_name = name or _full(func)
+        with _registry_lock:
+            _registry[budget_name] = layer
+        wrapper.budget_status = lambda key=None: layer.status(budget_name, key)
+        return wrapper  # type: ignore[no-any-return]
+
+    return decorate
+
+
+def _full(func: Any) -> str:
+    from ._pipeline import full_name
+
+    target = getattr(func, "__func__", func)
+    inner = getattr(target, "__llmguard__", None)
+    return full_name(inner.fn if inner is not None and inner.wrapper is target else target)
+
+
+def _layer(name: str) -> _BudgetLayer:
+    with _registry_lock:
+        layer = _registry.get(name)
+    if layer is None:
+        raise ConfigurationError(
+            f"no budget named {name!r} in this process: decorate a function with "
+            f"@budget(name={name!r}, ...) first"
+        )
+    return layer
+
+
+def budget_status(name: str, key: str | None = None, storage: str | None = None) -> BudgetStatus:
+    """The state of budget ``name`` (for ``key``) in its current window."""
+    return _layer(name).status(name, key, storage)
+
+
+def reset_budget(name: str, key: str | None = None, storage: str | None = None) -> None:
+    """Forget the spend of budget ``name`` (for ``key``) in its current window."""
+    _layer(name).reset(name, key, storage)
