@@ -26,6 +26,7 @@ from ._pipeline import CallRecord, current_call
 from ._prices import ModelPrice, calc_cost, get_price, set_price
 from ._ratelimit import rate_limited
 from ._retry import retry_on_rate_limit
+from ._route import route_model
 from ._storage import Storage, open_storage, register_storage
 from ._tokens import TokenCount, count_message_tokens, count_tokens
 from ._track import track
@@ -70,6 +71,7 @@ __all__ = [
     "register_storage",
     "reset_budget",
     "retry_on_rate_limit",
+    "route_model",
     "set_price",
     "track",
 ]

@@ -287,18 +287,21 @@ class _BudgetLayer:
             rid = ""  # "warn": proceed unreserved, and record what it spends
         error: BaseException | None = None
         result: Any = None
+        reported_before = len(call.usages)  # an outer layer may run this call again
         try:
             result = yield PROCEED
         except Exception as exc:
             error = exc
             raise
         finally:
-            metering = call.meter(result, error)
-            if error is not None and not call.usages:
-                actual = 0  # nothing was billed: release the reservation
+            metering = call.meter(result, error)  # also takes in the result's own usage
+            if len(call.usages) > reported_before:  # what this attempt reported
+                cost = call.usage_totals(since=reported_before)[1]
+            elif error is not None:
+                cost = Decimal(0)  # nothing was billed: release the reservation
             else:
-                cost = metering.cost if metering.cost is not None else estimate
-                actual = _pico(cost)
+                cost = metering.cost
+            actual = _pico(cost if cost is not None else estimate)
             yield from self._settle(
                 call, name, key, ledger_key, rid or None, actual, ttl, start, end
             )

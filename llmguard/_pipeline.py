@@ -301,13 +301,13 @@ class CallRecord:
             usage = replace(usage, model=self.requested_model())
         self.usages.append((usage, cost_usd))
 
-    def usage_totals(self) -> tuple[Usage, Decimal | None, list[str]]:
-        """The reported usage summed, its cost (None if any part's price is unknown) and
-        the distinct models, in order of first use."""
+    def usage_totals(self, since: int = 0) -> tuple[Usage, Decimal | None, list[str]]:
+        """The usage reported (from the ``since``-th report on) summed, its cost (None if any
+        part's price is unknown) and the distinct models, in order of first use."""
         inputs = outputs = cached = written = 0
         cost: Decimal | None = _ZERO
         models: list[str] = []
-        for usage, reported_cost in self.usages:
+        for usage, reported_cost in self.usages[since:]:
             inputs += usage.input_tokens
             outputs += usage.output_tokens
             cached += usage.cached_input_tokens
@@ -328,10 +328,12 @@ class CallRecord:
         return Usage(inputs, outputs, cached, written, models[0] if models else None), cost, models
 
     def meter(self, result: Any = None, error: BaseException | None = None) -> Metering:
-        """Settle what this call used and cost (once; later calls return the same)."""
-        if self.metering is None:
-            self.metering = _settle(self, result, error)
-        return self.metering
+        """What this call has used and cost so far, with ``result`` / ``error`` as its
+        outcome. Computed afresh each time (layers may run the inner call again: retries,
+        fallbacks), unless :meth:`serve_cached` fixed it."""
+        if self.metering is not None:
+            return self.metering
+        return _settle(self, result, error)
 
     def serve_cached(
         self, model: str | None, saved_usd: Decimal | None, source: str = "cache"

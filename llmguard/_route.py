@@ -1,0 +1,212 @@
+"""``@route_model``: the cheapest model that will do, and another when one fails.
+
+Rules, first match wins: an explicit ``model=`` from the caller; ``critical=True`` (the
+strong model); the budget's spend past ``downgrade_at`` (cheap); ``when(...)`` true
+(cheap); the estimated prompt under ``cheap_below_tokens`` (cheap); else the default. The
+chosen model is passed as the ``model`` keyword (``param=``). Fallbacks: when the call fails
+with a rate limit, overload, server error, timeout or connection error (after any inner
+retries), the next model is tried; client errors (400, 401, 404...) are not failed over.
+Every event carries ``route``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+from ._config import UNSET, _Unset
+from ._errors import ConfigurationError
+from ._pipeline import PROCEED, CallRecord, PromptFn, check_options, guard
+from ._retry import classify, status_of
+from ._tokens import count_message_tokens, counter_for
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _fails_over(exc: BaseException) -> bool:
+    """Worth trying another model: rate limits (quota too: another model may not share
+    it), overloads, server errors, timeouts, connection errors; not client errors."""
+    if status_of(exc) == 429:
+        return True
+    return classify(exc, server_errors=True, retry_on=()) is not None
+
+
+class _RouteLayer:
+    def __init__(
+        self,
+        *,
+        default: str,
+        cheap: str | None,
+        when: Callable[..., Any] | None,
+        cheap_below_tokens: int | None,
+        fallbacks: tuple[str, ...],
+        downgrade_at: float | None,
+        budget: str | None,
+        param: str,
+        critical_param: str,
+    ) -> None:
+        self.default = default
+        self.cheap = cheap
+        self.when = when
+        self.cheap_below_tokens = cheap_below_tokens
+        self.fallbacks = fallbacks
+        self.downgrade_at = downgrade_at
+        self.budget = budget
+        self.param = param
+        self.critical_param = critical_param
+
+    def _explicit(self, call: CallRecord) -> bool:
+        if self.param in call.kwargs:
+            return True
+        index, _ = call.spec.params.get(self.param, (None, None))
+        return index is not None and index < len(call.args)
+
+    def _prompt_tokens(self, call: CallRecord, model: str) -> int:
+        messages, texts = call.prompt()
+        if messages is not None:
+            return int(count_message_tokens(messages, model, tools=call.argument("tools")))
+        counter = counter_for(model)
+        return sum(counter.count(text) for text in texts)
+
+    def _budget_spent(self, call: CallRecord) -> float | None:
+        from ._budget import _layer
+
+        layer = _layer(self.budget or "")
+        key = None if layer.key_fn is None else str(layer.key_fn(*call.args, **call.kwargs))
+        status = layer.status(self.budget or "", key)
+        if not status.limit_usd:
+            return 1.0
+        return float(status.spent_usd / status.limit_usd)
+
+    def choose(self, call: CallRecord, critical: bool) -> tuple[str | None, str]:
+        """(model to pass, route) for this call."""
+        if self._explicit(call):
+            return None, "explicit"
+        if critical:
+            return self.default, "critical"
+        if self.cheap is not None:
+            if self.downgrade_at is not None:
+                spent = self._budget_spent(call)
+                if spent is not None and spent >= self.downgrade_at:
+                    return self.cheap, "downgrade:budget"
+            if self.when is not None and self.when(*call.args, **call.kwargs):
+                return self.cheap, "cheap:when"
+            below = self.cheap_below_tokens
+            if below is not None and self._prompt_tokens(call, self.default) < below:
+                return self.cheap, "cheap:tokens"
+        return self.default, "default"
+
+    def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
+        critical = False
+        if self.critical_param not in call.spec.params:  # the router's own argument
+            critical = bool(call.kwargs.pop(self.critical_param, False))
+        else:
+            critical = bool(call.argument(self.critical_param, False))
+        model, route = self.choose(call, critical)
+        call.fields["route"] = route
+        if model is None:
+            return (yield PROCEED)
+        chain = [model, *(m for m in self.fallbacks if m != model)]
+        for attempt, candidate in enumerate(chain):
+            call.kwargs[self.param] = candidate
+            if attempt:
+                call.fields["route"] = f"fallback:{attempt}"
+                call.fields["failed_over_from"] = chain[attempt - 1]
+            try:
+                return (yield PROCEED)
+            except Exception as exc:
+                if attempt == len(chain) - 1 or not _fails_over(exc):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def route_model(
+    default: str,
+    *,
+    cheap: str | None = None,
+    when: Callable[..., Any] | None = None,
+    cheap_below_tokens: int | None = None,
+    fallbacks: Sequence[str] = (),
+    downgrade_at: float | None = None,
+    budget: str | None = None,
+    param: str = "model",
+    critical_param: str = "critical",
+    prompt: PromptFn | _Unset | None = UNSET,
+    log_content: bool | _Unset = UNSET,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Pick the model for each call, and fall back to others when it fails.
+
+    ``when(*args, **kwargs)`` true, or the estimated prompt under ``cheap_below_tokens``
+    tokens, routes to ``cheap``; so does ``budget``'s spend reaching ``downgrade_at`` (a
+    fraction of its limit). ``critical=True`` at the call forces ``default``; an explicit
+    ``model=`` always wins. ``fallbacks`` are tried in order when a call fails with a rate
+    limit, overload, server error, timeout or connection error. The event's ``route`` says
+    why: ``default``, ``cheap:when``, ``cheap:tokens``, ``critical``, ``explicit``,
+    ``downgrade:budget`` or ``fallback:<n>``::
+
+        @llmguard.route_model("gpt-4o", cheap="gpt-4o-mini", when=lambda t, **_: len(t) < 2000)
+        def summarize(text: str, *, model: str = "gpt-4o") -> str: ...
+    """
+    for label, value in (
+        ("default", default),
+        ("cheap", cheap),
+        *(("fallbacks", m) for m in fallbacks),
+    ):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigurationError(f"@route_model {label} must be a model name, got {value!r}")
+    if isinstance(fallbacks, str):
+        raise ConfigurationError("fallbacks must be a sequence of model names, not one string")
+    if when is not None and not callable(when):
+        raise ConfigurationError("@route_model(when=...) must be callable")
+    if (
+        when is not None or cheap_below_tokens is not None or downgrade_at is not None
+    ) and cheap is None:
+        raise ConfigurationError(
+            "@route_model: when=, cheap_below_tokens= and downgrade_at= need cheap="
+        )
+    if downgrade_at is not None:
+        if budget is None:
+            raise ConfigurationError(
+                "@route_model(downgrade_at=...) needs budget= (the budget's name)"
+            )
+        if not isinstance(downgrade_at, (int, float)) or not 0 < downgrade_at <= 1:
+            raise ConfigurationError("downgrade_at must be a fraction in (0, 1]")
+    if cheap_below_tokens is not None and (
+        not isinstance(cheap_below_tokens, int) or cheap_below_tokens < 1
+    ):
+        raise ConfigurationError("cheap_below_tokens must be an int >= 1")
+    options = {"prompt": prompt, "log_content": log_content}
+    check_options("route_model", options)
+    layer = _RouteLayer(
+        default=default,
+        cheap=cheap,
+        when=when,
+        cheap_below_tokens=cheap_below_tokens,
+        fallbacks=tuple(fallbacks),
+        downgrade_at=downgrade_at,
+        budget=budget,
+        param=param,
+        critical_param=critical_param,
+    )
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        target = inspect.unwrap(getattr(func, "__func__", func))
+        try:
+            parameters = inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            parameters = None
+        if (
+            parameters is not None
+            and param not in parameters
+            and not any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        ):
+            raise ConfigurationError(
+                f"@route_model passes the chosen model as {param}=, but "
+                f"{getattr(target, '__qualname__', target)} takes no {param!r} parameter: add "
+                f"one, or name yours with param="
+            )
+        return guard(func, decorator="route_model", layer=layer, options=options)  # type: ignore[no-any-return]
+
+    return decorate
