@@ -27,6 +27,7 @@ from ._prices import ModelPrice, calc_cost, get_price, set_price
 from ._ratelimit import rate_limited
 from ._retry import retry_on_rate_limit
 from ._route import route_model
+from ._stack import guard
 from ._storage import Storage, open_storage, register_storage
 from ._tokens import TokenCount, count_message_tokens, count_tokens
 from ._track import track
@@ -64,6 +65,7 @@ __all__ = [
     "current_call",
     "debounced",
     "get_price",
+    "guard",
     "instrument",
     "open_storage",
     "rate_limited",
