@@ -77,3 +77,58 @@ def test_guard_configuration() -> None:
         llmguard.guard(route={"cheap": "gpt-4o-mini"})
     with pytest.raises(llmguard.ConfigurationError):
         llmguard.guard(cache="yes")  # type: ignore[arg-type]
+
+
+def test_the_briefs_stack_sync_and_async(
+    flavour: str, fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
+    import asyncio
+
+    def stack(fn: object) -> object:
+        return llmguard.cached(ttl="7d")(
+            llmguard.route_model(
+                "gpt-4o", cheap="gpt-4o-mini", when=lambda text, **_: len(text) < 2000
+            )(
+                llmguard.budget(usd=20, per="day", name=f"brief-{flavour}")(
+                    llmguard.retry_on_rate_limit(max_tries=6, jitter=None, sleep=lambda s: None)(
+                        llmguard.rate_limited("500/minute", tokens="200000/minute")(fn)  # type: ignore[arg-type]
+                    )
+                )
+            )
+        )
+
+    if flavour == "sync":
+        client = llmguard.instrument(fake_llm.openai_client())
+
+        def summarize(text: str, *, model: str = "gpt-4o") -> str:
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": text}]
+            )
+            return str(reply.choices[0].message.content)
+
+        fn = stack(summarize)
+        results = [fn("short text"), fn("short text"), fn("long " * 3000)]  # type: ignore[operator]
+    else:
+        aclient = llmguard.instrument(fake_llm.openai_client(async_client=True))
+
+        async def asummarize(text: str, *, model: str = "gpt-4o") -> str:
+            reply = await aclient.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": text}]
+            )
+            return str(reply.choices[0].message.content)
+
+        afn = stack(asummarize)
+
+        async def main() -> list[str]:
+            return [await afn("short text"), await afn("short text"), await afn("long " * 3000)]  # type: ignore[operator]
+
+        results = asyncio.run(main())
+    assert results[0] == results[1]
+    assert [r.model for r in fake_llm.requests] == ["gpt-4o-mini", "gpt-4o"]
+    assert [(e["cache"], e.get("route")) for e in events.calls] == [
+        ("miss", "cheap:when"),
+        ("hit", None),
+        ("miss", "default"),
+    ]
+    spent = llmguard.budget_status(f"brief-{flavour}").spent_usd
+    assert float(spent) == pytest.approx(events.calls[0]["cost_usd"] + events.calls[2]["cost_usd"])
