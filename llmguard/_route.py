@@ -106,6 +106,8 @@ class _RouteLayer:
             critical = bool(call.argument(self.critical_param, False))
         model, route = self.choose(call, critical)
         call.fields["route"] = route
+        if model is not None and model != self.default:
+            call.fields["route_default"] = self.default  # what "saved by routing" compares to
         if model is None:
             return (yield PROCEED)
         chain = [model, *(m for m in self.fallbacks if m != model)]
