@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Sequence
+from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from ._prices import PerMTok, Tiered, get_price
+from ._report import DIMENSIONS
+from ._storage import open_storage
 from ._tokens import count_tokens
 from ._version import __version__
 
@@ -89,44 +95,244 @@ def _cmd_prices(args: argparse.Namespace) -> int:
     return EXIT_NOT_FOUND if missing else EXIT_OK
 
 
-def _cmd_tokens(args: argparse.Namespace) -> int:
-    if args.file == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            with open(args.file, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as exc:
-            print(f"llmguard: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-            return EXIT_NOT_FOUND
-    results = []
-    for model in args.model or ["gpt-4o"]:
+DEFAULT_ESTIMATE_MODELS = (
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4.1-mini",
+    "claude-sonnet-4-5",
+    "claude-3-5-haiku-latest",
+    "gemini-1.5-flash",
+)
+
+
+def _read_text(path: str) -> str | None:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        print(f"llmguard: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return None
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    text = _read_text(args.file)
+    if text is None:
+        return EXIT_NOT_FOUND
+    rows = []
+    for model in args.model or DEFAULT_ESTIMATE_MODELS:
         tokens = count_tokens(text, model)
         price = get_price(model)
-        cost = price.cost(int(tokens), 0) if price is not None else None
-        results.append(
+        input_cost = None if price is None else price.cost(int(tokens), 0)
+        output_cost = None if price is None else price.cost(0, args.output_tokens)
+        rows.append(
             {
                 "model": model,
-                "tokens": int(tokens),
-                "method": tokens.method,
+                "input_tokens": int(tokens),
                 "estimate": tokens.estimate,
-                "input_cost_usd": None
-                if cost is None
-                else str(cost.normalize() if cost else Decimal(0)),
+                "output_tokens": args.output_tokens,
+                "input_usd": None if input_cost is None else str(input_cost),
+                "output_usd": None if output_cost is None else str(output_cost),
+                "total_usd": None
+                if price is None
+                else str(price.cost(int(tokens), args.output_tokens)),
+            }
+        )
+    rows.sort(key=lambda r: (r["total_usd"] is None, Decimal(r["total_usd"] or 0)))
+    if args.format == "json":
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    table = [("model", "input tokens", "input", f"output ({args.output_tokens})", "total")] + [
+        (
+            r["model"],
+            f"{r['input_tokens']}{'~' if r['estimate'] else ''}",
+            "?" if r["input_usd"] is None else f"${r['input_usd']}",
+            "?" if r["output_usd"] is None else f"${r['output_usd']}",
+            "price unknown" if r["total_usd"] is None else f"${r['total_usd']}",
+        )
+        for r in rows
+    ]
+    _print_table(table)
+    print("~ approximate count (not an OpenAI model); cheapest first")
+    return EXIT_OK
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ._cache import parse_duration
+    from ._html import render_html
+    from ._report import build, read_events, render_csv, render_table
+
+    missing = [p for p in args.files if p != "-" and not os.path.exists(p)]
+    if missing:
+        print(f"llmguard: no such file: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    since = None
+    if args.since:
+        try:
+            seconds = parse_duration(args.since, "--since")
+        except Exception as exc:
+            print(f"llmguard: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        since = None if seconds is None else timedelta(seconds=seconds)
+    counter = [0]
+    progress = _progress if sys.stderr.isatty() else None
+    report = build(read_events(args.files, counter, progress=progress), by=args.by, since=since)
+    report.skipped_lines = counter[0]
+    if progress is not None:
+        print(file=sys.stderr)
+    if args.format == "json":
+        json.dump(report.as_dict(), sys.stdout, indent=2)
+        print()
+    elif args.format == "csv":
+        sys.stdout.write(render_csv(report))
+    else:
+        print(render_table(report))
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as fh:
+            fh.write(render_html(report))
+        print(f"HTML report: {args.html}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _progress(path: str, fraction: float) -> None:
+    width = 30
+    done = int(fraction * width)
+    print(
+        f"\rreading {path} [{'#' * done}{'.' * (width - done)}] {fraction:4.0%}",
+        end="",
+        file=sys.stderr,
+    )
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run
+
+    run(Path(args.out), fast=args.fast)
+    return EXIT_OK
+
+
+def _budget_ledgers(storage: Any, name: str | None) -> list[tuple[str, str, str, str]]:
+    """(ledger key, budget name, key, window) of every budget ledger in ``storage``."""
+    prefix = "llmguard:budget:" + (f"{name}:" if name else "")
+    found = []
+    for ledger_key in storage.keys(prefix):
+        if ":alert:" in ledger_key:
+            continue
+        budget_name, key, window = ledger_key[len("llmguard:budget:") :].rsplit(":", 2)
+        if name is None or budget_name == name:
+            found.append((ledger_key, budget_name, key, window))
+    return found
+
+
+def _cmd_budget_status(args: argparse.Namespace) -> int:
+    from ._budget import _usd
+    from ._ledger import ledger_for
+
+    storage = open_storage(args.storage)
+    ledger = ledger_for(storage)
+    rows = []
+    for ledger_key, budget_name, key, window in _budget_ledgers(storage, args.name):
+        if args.key is not None and key != args.key:
+            continue
+        spent, reserved = ledger.status(ledger_key, int(time.time() * 1000))
+        limit = ledger.limit(ledger_key)
+        rows.append(
+            {
+                "budget": budget_name,
+                "key": None if key == "-" else key,
+                "window": window,
+                "limit_usd": None if limit is None else str(_usd(limit)),
+                "spent_usd": str(_usd(spent)),
+                "reserved_usd": str(_usd(reserved)),
+                "remaining_usd": None
+                if limit is None
+                else str(max(_usd(limit - spent - reserved), Decimal(0))),
             }
         )
     if args.format == "json":
-        json.dump(results, sys.stdout, indent=2)
+        json.dump(rows, sys.stdout, indent=2)
         print()
+    elif rows:
+        header = ("budget", "key", "window", "limit", "spent", "reserved", "remaining")
+        _print_table(
+            [header]
+            + [
+                tuple(
+                    "-" if r[f] is None else str(r[f])
+                    for f in (
+                        "budget",
+                        "key",
+                        "window",
+                        "limit_usd",
+                        "spent_usd",
+                        "reserved_usd",
+                        "remaining_usd",
+                    )
+                )
+                for r in rows
+            ]
+        )
     else:
-        for r in results:
-            cost_text = (
-                "price unknown"
-                if r["input_cost_usd"] is None
-                else f"${r['input_cost_usd']} as input"
-            )
-            label = " (estimate)" if r["estimate"] else ""
-            print(f"{r['model']}: {r['tokens']} tokens{label}, {cost_text}")
+        print(
+            "no budget ledgers"
+            + (f" for {args.name!r}" if args.name else "")
+            + f" in {storage.uri}"
+        )
+    return EXIT_OK if rows or args.name is None else EXIT_NOT_FOUND
+
+
+def _cmd_budget_reset(args: argparse.Namespace) -> int:
+    storage = open_storage(args.storage)
+    prefix = f"llmguard:budget:{args.name}:" + (f"{args.key}:" if args.key is not None else "")
+    removed = storage.clear(prefix)
+    print(
+        f"reset budget {args.name!r}"
+        + (f" key {args.key!r}" if args.key else "")
+        + f": {removed} records removed"
+    )
+    return EXIT_OK if removed else EXIT_NOT_FOUND
+
+
+def _cmd_cache_stats(args: argparse.Namespace) -> int:
+    storage = open_storage(args.storage)
+    counts: dict[tuple[str, str], int] = {}
+    for key in storage.keys("llmguard:cache:", entries=True):
+        namespace, rest = key[len("llmguard:cache:") :].split(":", 1)
+        function = rest.rsplit(":", 1)[0]
+        counts[(namespace, function)] = counts.get((namespace, function), 0) + 1
+    rows = [
+        {"namespace": ns, "function": fn, "entries": n} for (ns, fn), n in sorted(counts.items())
+    ]
+    if args.format == "json":
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    elif rows:
+        _print_table(
+            [("function", "namespace", "entries")]
+            + [(str(r["function"]), str(r["namespace"]), str(r["entries"])) for r in rows]
+        )
+    else:
+        print(f"no cache entries in {storage.uri}")
+    return EXIT_OK
+
+
+def _cmd_cache_clear(args: argparse.Namespace) -> int:
+    storage = open_storage(args.storage)
+    prefix = f"llmguard:cache:{args.namespace}:" + (f"{args.function}:" if args.function else "")
+    if args.function is None and args.namespace == "default":
+        prefix = "llmguard:cache:"
+    removed = storage.clear_entries(prefix)
+    print(f"removed {removed} cache entries from {storage.uri}")
     return EXIT_OK
 
 
@@ -159,13 +365,72 @@ def build_parser() -> argparse.ArgumentParser:
     prices.add_argument("--format", choices=("table", "json"), default="table")
     prices.set_defaults(run=_cmd_prices)
 
-    tokens = sub.add_parser("tokens", help="count the tokens of a text file (or - for stdin)")
-    tokens.add_argument("file", metavar="FILE", help="a text file, or - to read standard input")
-    tokens.add_argument(
-        "--model", action="append", help="model to count for (repeatable; default gpt-4o)"
+    estimate = sub.add_parser(
+        "estimate", help="tokens and cost of a prompt on several models, cheapest first"
     )
-    tokens.add_argument("--format", choices=("table", "json"), default="table")
-    tokens.set_defaults(run=_cmd_tokens)
+    estimate.add_argument(
+        "file", metavar="FILE", help="the prompt: a text file, or - for standard input"
+    )
+    estimate.add_argument(
+        "--model", action="append", help="a model to price (repeatable; default: a selection)"
+    )
+    estimate.add_argument(
+        "--output-tokens", type=int, default=500, help="output to price (default 500)"
+    )
+    estimate.add_argument("--format", choices=("table", "json"), default="table")
+    estimate.set_defaults(run=_cmd_estimate)
+
+    demo = sub.add_parser("demo", help="see every policy work, offline, against a fake provider")
+    demo.add_argument(
+        "--fast", action="store_true", help="shorter windows: seconds instead of a minute"
+    )
+    demo.add_argument(
+        "--out", default=".", help="folder for the JSON log and HTML report (default .)"
+    )
+    demo.set_defaults(run=_cmd_demo)
+
+    report = sub.add_parser("report", help="the bill from llmguard's JSON-lines logs")
+    report.add_argument(
+        "files", nargs="+", metavar="LOG", help="JSON-lines logs (gzipped too), or -"
+    )
+    report.add_argument(
+        "--by", choices=DIMENSIONS, default="function", help="break down by (default function)"
+    )
+    report.add_argument("--since", help="only events this recent: 90s, 30m, 12h, 7d")
+    report.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    report.add_argument(
+        "--html", metavar="PATH", help="also write a self-contained HTML report with charts"
+    )
+    report.set_defaults(run=_cmd_report)
+
+    storage_help = "storage URI (default: LLMGUARD_STORAGE, else the local cache folder)"
+    budget = sub.add_parser("budget", help="budget ledgers: status and reset")
+    budget_sub = budget.add_subparsers(dest="action", metavar="ACTION")
+    status = budget_sub.add_parser("status", help="spend, reservations and what is left")
+    status.add_argument("name", nargs="?", help="one budget (default: all)")
+    status.add_argument("--key", help="one key of a keyed budget")
+    status.add_argument("--storage", help=storage_help)
+    status.add_argument("--format", choices=("table", "json"), default="table")
+    status.set_defaults(run=_cmd_budget_status)
+    reset = budget_sub.add_parser("reset", help="forget a budget's spend (all windows)")
+    reset.add_argument("name")
+    reset.add_argument("--key", help="only this key of a keyed budget")
+    reset.add_argument("--storage", help=storage_help)
+    reset.set_defaults(run=_cmd_budget_reset)
+
+    cache = sub.add_parser("cache", help="the response cache: stats and clear")
+    cache_sub = cache.add_subparsers(dest="action", metavar="ACTION")
+    stats = cache_sub.add_parser("stats", help="entries per cached function")
+    stats.add_argument("--storage", help=storage_help)
+    stats.add_argument("--format", choices=("table", "json"), default="table")
+    stats.set_defaults(run=_cmd_cache_stats)
+    clear = cache_sub.add_parser("clear", help="delete cache entries")
+    clear.add_argument("--function", help="only this function's (module.qualname)")
+    clear.add_argument(
+        "--namespace", default="default", help="the cache namespace (default 'default')"
+    )
+    clear.add_argument("--storage", help=storage_help)
+    clear.set_defaults(run=_cmd_cache_clear)
     return parser
 
 

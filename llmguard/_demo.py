@@ -31,7 +31,7 @@ def run(out_dir: Path, *, fast: bool = False, stream: TextIO | None = None) -> t
     import llmguard
     from llmguard._html import render_html
     from llmguard._report import build, read_events, render_table
-    from llmguard.testing import FakeLLMServer
+    from llmguard.testing import FakeLLMServer, capture_calls
 
     def say(text: str) -> None:
         print(text, file=stream or sys.stdout, flush=True)
@@ -89,12 +89,16 @@ def run(out_dir: Path, *, fast: bool = False, stream: TextIO | None = None) -> t
 
         say(f"3. A burst of {rpm * 2} distinct questions against the provider's limit.")
         started = time.monotonic()
-        for i in range(rpm * 2):
-            answer(f"Burst question number {i}?")
+        with capture_calls() as burst:
+            for i in range(rpm * 2):
+                answer(f"Burst question number {i}?")
+        window_wait = sum(e.get("rate_wait_s", 0) for e in burst.calls)
+        retry_wait = sum(e.get("retry_wait_s", 0) for e in burst.calls)
         say(
-            f"   all {rpm * 2} answered in {time.monotonic() - started:.1f}s: @rate_limited "
-            f"waited for the window, and the {fake.statuses.count(429)} rate-limit errors the "
-            "provider still sent were absorbed by @retry_on_rate_limit, waiting what it asked.\n"
+            f"   all {rpm * 2} answered in {time.monotonic() - started:.1f}s, none failed: "
+            f"@rate_limited waited {window_wait:.1f}s for the window, and the "
+            f"{len(burst.of('llm_retry'))} rate-limit errors the provider still sent were "
+            f"absorbed by @retry_on_rate_limit ({retry_wait:.1f}s waiting what it asked).\n"
         )
 
         say("4. A runaway loop against a $0.02 budget.")

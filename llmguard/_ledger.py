@@ -48,6 +48,7 @@ class DocLedger:
         with _wrapped(self.storage.uri, "reserve"), self.storage.atomic():
             doc = self._load(key)
             reserved = self._reserved(doc, now_ms)
+            doc["limit"] = limit  # for operators reading the ledger from another process
             ok = doc["spent"] + reserved + amount <= limit
             if ok:
                 doc["res"][rid] = [amount, expires_ms]
@@ -74,6 +75,10 @@ class DocLedger:
 
     def reset(self, key: str) -> None:
         self.storage.clear(key)
+
+    def limit(self, key: str) -> int | None:
+        with _wrapped(self.storage.uri, "status"):
+            return self._load(key).get("limit")
 
 
 # KEYS[1] ledger hash: field "spent" (HINCRBY, exact int64) and "r:<id>" = "<amount>:<exp_ms>".
@@ -104,6 +109,7 @@ local limit, amount, rid = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local expires, now, ttl = ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0')
 local held = reserved(now)
+redis.call('HSET', KEYS[1], 'limit', ARGV[1])
 local ok = 0
 if spent + held + amount <= limit then
   redis.call('HSET', KEYS[1], 'r:' .. rid, ARGV[2] .. ':' .. expires)
@@ -177,6 +183,11 @@ class RedisLedger:
 
     def reset(self, key: str) -> None:
         self.storage.clear(key)
+
+    def limit(self, key: str) -> int | None:
+        with _wrapped(self.storage.uri, "status"):
+            value = self.storage.client.hget(key, "limit")
+        return None if value is None else int(value)
 
 
 Ledger = DocLedger | RedisLedger

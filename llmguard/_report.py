@@ -11,9 +11,10 @@ import csv
 import gzip
 import io
 import json
+import os
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -115,22 +116,36 @@ class Report:
         }
 
 
-def _open(path: str) -> TextIO:
+def _open(path: str) -> tuple[TextIO, Any, int]:
+    """(text stream, underlying binary file or None, size in bytes or 0)."""
     if path == "-":
-        return sys.stdin
-    raw = Path(path).open("rb")  # noqa: SIM115 - handed to the caller's with-block
+        return sys.stdin, None, 0
+    raw = Path(path).open("rb")  # noqa: SIM115 - closed by read_events
+    size = os.fstat(raw.fileno()).st_size
     if raw.read(2) == b"\x1f\x8b":
         raw.seek(0)
-        return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", errors="replace")
+        return (
+            io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", errors="replace"),
+            raw,
+            size,
+        )
     raw.seek(0)
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace"), raw, size
 
 
-def read_events(paths: Iterable[str], counter: list[int] | None = None) -> Iterator[dict[str, Any]]:
-    """llmguard's events from JSON-line files; ``counter[0]`` counts the other lines."""
+def read_events(
+    paths: Iterable[str],
+    counter: list[int] | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """llmguard's events from JSON-line files; ``counter[0]`` counts the other lines;
+    ``progress(path, fraction)`` is told how far into a file reading is."""
     for path in paths:
-        with _open(path) as stream:
-            for line in stream:
+        stream, raw, size = _open(path)
+        try:
+            for number, line in enumerate(stream):
+                if progress is not None and raw is not None and size and number % 20000 == 0:
+                    progress(path, min(raw.tell() / size, 1.0))
                 line = line.strip()
                 if not line:
                     continue
@@ -146,6 +161,11 @@ def read_events(paths: Iterable[str], counter: list[int] | None = None) -> Itera
                     yield event
                 elif counter is not None:
                     counter[0] += 1
+            if progress is not None and raw is not None and size:
+                progress(path, 1.0)
+        finally:
+            if stream is not sys.stdin:
+                stream.close()
 
 
 def _timestamp(event: dict[str, Any]) -> datetime | None:

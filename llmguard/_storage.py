@@ -66,6 +66,11 @@ class Storage(ABC):
         """How many live keys start with ``prefix`` (walks them: not for hot paths)."""
 
     @abstractmethod
+    def keys(self, prefix: str = "", *, entries: bool = False) -> list[str]:
+        """The live keys starting with ``prefix`` (cache entries' with ``entries=True``),
+        for operator commands; walks them, not for hot paths."""
+
+    @abstractmethod
     def release(self, key: str, token: bytes) -> bool:
         """Delete ``key`` only if it still holds ``token`` (unlock only your own lock)."""
 
@@ -190,6 +195,12 @@ class MemoryStorage(Storage):
         with self._lock:
             return sum(
                 1 for k in list(self._data) if k.startswith(prefix) and self._live(k) is not None
+            )
+
+    def keys(self, prefix: str = "", *, entries: bool = False) -> list[str]:
+        with self._lock:
+            return sorted(
+                k for k in list(self._data) if k.startswith(prefix) and self._live(k) is not None
             )
 
     def release(self, key: str, token: bytes) -> bool:
@@ -346,6 +357,14 @@ class LocalStorage(Storage):
         with _wrapped(self.uri, "clear"):
             return self._clear(self.cache, prefix)
 
+    def keys(self, prefix: str = "", *, entries: bool = False) -> list[str]:
+        with _wrapped(self.uri, "keys"):
+            cache = self.entries if entries else self.cache
+            cache.expire()
+            return sorted(
+                k for k in cache.iterkeys() if isinstance(k, str) and k.startswith(prefix)
+            )
+
     def count(self, prefix: str = "") -> int:
         with _wrapped(self.uri, "count"):
             return self._count(self.cache, prefix)
@@ -454,6 +473,11 @@ class RedisStorage(Storage):
             return sum(
                 1 for _ in self.client.scan_iter(match=_redis_glob_escape(prefix) + "*", count=500)
             )
+
+    def keys(self, prefix: str = "", *, entries: bool = False) -> list[str]:
+        with _wrapped(self.uri, "keys"):
+            match = _redis_glob_escape(prefix) + "*"
+            return sorted(k.decode() for k in self.client.scan_iter(match=match, count=500))
 
     def release(self, key: str, token: bytes) -> bool:
         with _wrapped(self.uri, "release"):

@@ -35,31 +35,35 @@ def test_prices_json_and_unknown_model_exit_code(capsys: pytest.CaptureFixture[s
     assert "nonexistent-model" in captured.err
 
 
-def test_tokens_from_file_and_stdin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_estimate_cheapest_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("tiktoken is great!")
-    assert (
-        main(
-            [
-                "tokens",
-                str(prompt),
-                "--model",
-                "gpt-4o",
-                "--model",
-                "claude-3-5-haiku-latest",
-                "--format",
-                "json",
-            ]
-        )
-        == 0
-    )
-    rows = json.loads(capsys.readouterr().out)
-    assert [(r["model"], r["tokens"], r["estimate"]) for r in rows] == [
-        ("gpt-4o", 6, False),
-        ("claude-3-5-haiku-latest", 6, True),
+    args = [
+        "estimate",
+        str(prompt),
+        "--model",
+        "gpt-4o",
+        "--model",
+        "gpt-4o-mini",
+        "--model",
+        "nope-model",
     ]
-    assert rows[0]["input_cost_usd"] == "0.000015"
-    assert main(["tokens", str(tmp_path / "missing.txt")]) == 1
+    assert main([*args, "--output-tokens", "100", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["gpt-4o-mini", "gpt-4o", "nope-model"]
+    assert rows[1] == {
+        "model": "gpt-4o",
+        "input_tokens": 6,
+        "estimate": False,
+        "output_tokens": 100,
+        "input_usd": "0.000015",
+        "output_usd": "0.001",
+        "total_usd": "0.001015",
+    }
+    assert rows[2]["total_usd"] is None
+    assert main(["estimate", str(prompt)]) == 0
+    assert "cheapest first" in capsys.readouterr().out
+    assert main(["estimate", str(tmp_path / "missing.txt")]) == 1
 
 
 def test_console_script_help_and_no_command() -> None:
@@ -67,10 +71,20 @@ def test_console_script_help_and_no_command() -> None:
     assert result.returncode == 2
     assert "prices" in result.stdout
     result = subprocess.run(
-        [sys.executable, "-m", "llmguard._cli", "tokens", "-", "--format", "json"],
+        [
+            sys.executable,
+            "-m",
+            "llmguard._cli",
+            "estimate",
+            "-",
+            "--model",
+            "gpt-4o",
+            "--format",
+            "json",
+        ],
         input="hello world",
         capture_output=True,
         text=True,
         check=True,
     )
-    assert json.loads(result.stdout)[0]["tokens"] == 2
+    assert json.loads(result.stdout)[0]["input_tokens"] == 2

@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import llmguard
+from llmguard._cli import main
+from llmguard.testing import FakeLLMServer
+
+
+@pytest.fixture
+def log(tmp_path: Path, fake_llm: FakeLLMServer) -> Path:
+    """A real event log: cached, routed, retried, budgeted and failing calls."""
+    path = tmp_path / "events.jsonl"
+    llmguard.configure_logging(json=True, file=str(path))
+    client = llmguard.instrument(fake_llm.openai_client())
+    storage = f"file://{tmp_path}/state"
+
+    @llmguard.cached(storage=storage)
+    @llmguard.route_model("gpt-4o", cheap="gpt-4o-mini", when=lambda q, **_: q.startswith("short"))
+    @llmguard.budget(usd="1", name="report-test", storage=storage, alert_at=(0.000001,))
+    @llmguard.retry_on_rate_limit(jitter=None, sleep=lambda s: None)
+    def ask(question: str, *, model: str = "gpt-4o") -> str:
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}]
+        )
+        return str(reply.choices[0].message.content)
+
+    @llmguard.track(model="gpt-4o")
+    def broken(text: str) -> str:
+        raise ValueError("bad input")
+
+    ask("short question")
+    ask("short question")  # cache hit
+    fake_llm.fail_next(1, 429, retry_after=1)
+    ask("a long question about the quarterly report")  # retried once, then default model
+    with pytest.raises(ValueError):
+        broken("x")
+    with path.open("a") as fh:
+        fh.write("not json at all\n")
+        fh.write(json.dumps({"event": "something_else"}) + "\n")
+    return path
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "llm_call":
+            out.append(event)
+    return out
+
+
+def test_every_number_is_the_sum_of_its_events(
+    log: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", str(log), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    calls = _events(log)
+    totals = report["totals"]
+    assert totals["calls"] == len(calls) == 4
+    assert Decimal(totals["cost_usd"]) == sum(Decimal(str(e["cost_usd"])) for e in calls)
+    assert Decimal(totals["saved_cache_usd"]) == sum(
+        Decimal(str(e.get("saved_usd") or 0)) for e in calls
+    )
+    routed = [e for e in calls if e.get("route_default")]
+    expected_routing = sum(
+        llmguard.calc_cost(e["route_default"], e["input_tokens"], e["output_tokens"])
+        - Decimal(str(e["cost_usd"]))  # type: ignore[operator]
+        for e in routed
+    )
+    assert Decimal(totals["saved_routing_usd"]) == expected_routing > 0
+    assert totals["cache_hits"] == 1
+    assert totals["cache_hit_rate"] == round(1 / 3, 4)
+    assert totals["retries"] == 1
+    assert totals["errors_by_type"] == {"ValueError": 1}
+    assert totals["budget_alerts"] >= 1
+    assert totals["skipped_lines"] == 2
+    groups = report["groups"]
+    assert sum(g["calls"] for g in groups.values()) == 4
+    assert sum(Decimal(g["cost_usd"]) for g in groups.values()) == Decimal(totals["cost_usd"])
+
+
+def test_breakdowns_gzip_several_files_and_since(
+    log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    zipped = tmp_path / "old.jsonl.gz"
+    zipped.write_bytes(gzip.compress(log.read_bytes()))
+    assert main(["report", str(log), str(zipped), "--by", "model", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["totals"]["calls"] == 8
+    assert set(report["groups"]) == {"gpt-4o", "gpt-4o-mini"}
+    for by in ("day", "budget", "route", "function"):
+        assert main(["report", str(log), "--by", by, "--format", "csv"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith(f"{by},calls,cost_usd")
+        assert sum(int(line.split(",")[1]) for line in lines[1:]) == 4
+    assert main(["report", str(log), "--since", "1h", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["calls"] == 4
+    old = tmp_path / "old.jsonl"
+    old.write_text(log.read_text().replace('"timestamp": "20', '"timestamp": "19'))
+    assert main(["report", str(old), "--since", "7d", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["calls"] == 0
+    assert main(["report", str(tmp_path / "nope.jsonl")]) == 1
+    assert main(["report", str(log), "--since", "soon"]) == 2
+
+
+def test_table_and_html(log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    html_path = tmp_path / "report.html"
+    assert main(["report", str(log), "--html", str(html_path)]) == 0
+    out = capsys.readouterr().out
+    assert "saved by cache" in out
+    assert "skipped lines    2" in out
+    page = html_path.read_text()
+    assert page.startswith("<!doctype html>")
+    assert 'id="cost-chart"' in page and 'id="savings-chart"' in page
+    assert page.count('class="bar"') >= 3
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_operator_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    storage = f"file://{tmp_path}/ops"
+
+    @llmguard.cached(storage=storage)
+    @llmguard.budget(usd="1", name="ops", key=lambda user, **_: user, storage=storage)
+    def ask(user: str, model: str = "gpt-4o") -> str:
+        llmguard.record_usage(1000, 100)
+        return user
+
+    ask("alice")
+    ask("bob")
+    capsys.readouterr()  # the calls' own events (structlog's default prints to stdout)
+    assert main(["budget", "status", "--storage", storage, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["budget"], r["key"], r["spent_usd"], r["limit_usd"]) for r in rows} == {
+        ("ops", "alice", "0.0035", "1"),
+        ("ops", "bob", "0.0035", "1"),
+    }
+    assert main(["budget", "status", "ops", "--key", "bob", "--storage", storage]) == 0
+    assert "0.9965" in capsys.readouterr().out
+    assert main(["budget", "status", "unknown", "--storage", storage]) == 1
+    assert main(["budget", "reset", "ops", "--key", "alice", "--storage", storage]) == 0
+    assert llmguard.budget_status("ops", key="alice", storage=storage).spent_usd == 0
+    assert main(["budget", "reset", "never", "--storage", storage]) == 1
+    capsys.readouterr()
+    assert main(["cache", "stats", "--storage", storage, "--format", "json"]) == 0
+    [stats] = json.loads(capsys.readouterr().out)
+    assert stats["entries"] == 2
+    assert stats["function"].endswith("test_operator_commands.<locals>.ask")
+    assert main(["cache", "clear", "--function", stats["function"], "--storage", storage]) == 0
+    assert "removed 2" in capsys.readouterr().out
+    assert ask.cache_info().entries == 0  # type: ignore[attr-defined]
+
+
+def test_commands_honour_llmguard_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LLMGUARD_STORAGE", f"file://{tmp_path}/env")
+
+    @llmguard.cached
+    def f(x: int) -> int:
+        return x
+
+    f(1)
+    capsys.readouterr()
+    assert main(["cache", "stats", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["entries"] == 1
+
+
+def test_demo_runs_offline_and_writes_its_reports(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "llmguard._cli", "demo", "--fast", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "LLMGUARD_CACHE_DIR": str(tmp_path / "state")},
+        check=True,
+    )
+    out = result.stdout
+    for step in ("1. Caching", "2. Routing", "3. A burst", "4. A runaway loop", "stopped after"):
+        assert step in out
+    assert "answers from the cache" in out
+    log = tmp_path / "llmguard-demo.jsonl"
+    assert (tmp_path / "llmguard-demo.html").read_text().count('class="bar"') > 0
+    events = _events(log)
+    assert any(e.get("cache") == "hit" for e in events)
+    assert {e["model"] for e in events} >= {"gpt-4o", "gpt-4o-mini"}
+    assert any(e.get("error") == "BudgetExceeded" for e in events)
+    assert "The HTML report:" in out
