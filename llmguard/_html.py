@@ -8,7 +8,8 @@ from decimal import Decimal
 from ._report import Report
 
 _PALETTE = ("#2563eb", "#16a34a", "#f59e0b", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d")
-_W, _H, _PAD = 720, 260, 48
+_W, _H, _PAD = 760, 260, 48
+_LEFT = 96  # room for the y axis' dollar labels
 
 
 def _esc(value: object) -> str:
@@ -27,18 +28,18 @@ def _bars(
     else:
         top = max(max(values) for values in series.values())
     top = top or Decimal(1)
-    plot_w, plot_h = _W - 2 * _PAD, _H - 2 * _PAD
+    plot_w, plot_h = _W - _LEFT - _PAD, _H - 2 * _PAD
     slot = plot_w / len(days)
     bar_w = slot * (0.7 if stacked else 0.7 / len(names))
     parts = [
         f'<svg viewBox="0 0 {_W} {_H}" width="{_W}" height="{_H}" role="img" aria-label="{_esc(title)}">',
-        f'<line x1="{_PAD}" y1="{_H - _PAD}" x2="{_W - _PAD}" y2="{_H - _PAD}" stroke="#555"/>',
-        f'<line x1="{_PAD}" y1="{_PAD}" x2="{_PAD}" y2="{_H - _PAD}" stroke="#555"/>',
-        f'<text x="{_PAD - 6}" y="{_PAD + 4}" text-anchor="end" font-size="11">${_esc(top)}</text>',
-        f'<text x="{_PAD - 6}" y="{_H - _PAD}" text-anchor="end" font-size="11">$0</text>',
+        f'<line x1="{_LEFT}" y1="{_H - _PAD}" x2="{_W - _PAD}" y2="{_H - _PAD}" stroke="#555"/>',
+        f'<line x1="{_LEFT}" y1="{_PAD}" x2="{_LEFT}" y2="{_H - _PAD}" stroke="#555"/>',
+        f'<text x="{_LEFT - 6}" y="{_PAD + 4}" text-anchor="end" font-size="11">${float(top):.4g}</text>',
+        f'<text x="{_LEFT - 6}" y="{_H - _PAD}" text-anchor="end" font-size="11">$0</text>',
     ]
     for i, day in enumerate(days):
-        x0 = _PAD + i * slot + slot * 0.15
+        x0 = _LEFT + i * slot + slot * 0.15
         base = 0.0
         for j, name in enumerate(names):
             value = series[name][i]
@@ -55,7 +56,7 @@ def _bars(
         parts.append(
             f'<text x="{x0 + slot * 0.35:.1f}" y="{_H - _PAD + 16}" text-anchor="middle" font-size="11">{_esc(day)}</text>'
         )
-    legend_x = _PAD
+    legend_x = _LEFT
     for j, name in enumerate(names):
         colour = _PALETTE[j % len(_PALETTE)]
         parts.append(f'<rect x="{legend_x}" y="12" width="12" height="12" fill="{colour}"/>')

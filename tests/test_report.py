@@ -123,9 +123,11 @@ def test_table_and_html(log: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert "skipped lines    2" in out
     page = html_path.read_text()
     assert page.startswith("<!doctype html>")
-    assert 'id="cost-chart"' in page and 'id="savings-chart"' in page
+    assert 'id="cost-chart"' in page
+    assert 'id="savings-chart"' in page
     assert page.count('class="bar"') >= 3
-    assert "http://" not in page and "https://" not in page  # self-contained
+    assert "http://" not in page  # self-contained: no CDN, no network
+    assert "https://" not in page
 
 
 def test_operator_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -197,3 +199,47 @@ def test_demo_runs_offline_and_writes_its_reports(tmp_path: Path) -> None:
     assert {e["model"] for e in events} >= {"gpt-4o", "gpt-4o-mini"}
     assert any(e.get("error") == "BudgetExceeded" for e in events)
     assert "The HTML report:" in out
+
+
+def test_the_html_report_renders_its_charts_in_a_real_browser(log: Path, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (.ci/run does)")
+        pytest.skip("no chromium on this machine")
+    html_path, shot = tmp_path / "report.html", tmp_path / "shot.png"
+    assert main(["report", str(log), "--by", "model", "--html", str(html_path)]) == 0
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1000,1300",
+            f"--screenshot={shot}",
+            html_path.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    colours = {
+        colour: count for count, colour in Image.open(shot).convert("RGB").getcolors(1 << 24)
+    }
+    blue = colours.get((0x25, 0x63, 0xEB), 0)  # the first series' bars
+    green = colours.get((0x16, 0xA3, 0x4A), 0)  # the second series'
+    ink = sum(count for colour, count in colours.items() if sum(colour) < 200)  # text and axes
+    assert blue > 500, "the cost chart's bars are not drawn"
+    assert green > 500, "the savings chart's bars are not drawn"
+    assert ink > 2000, "no text: a blank or broken page"
