@@ -107,6 +107,17 @@ class _JSONLines:
         return str(self._encode(event_dict))
 
 
+_owned_stream: IO[str] | None = None
+
+
+def close_owned_stream() -> None:
+    """Close the log file ``configure_logging(file=path)`` opened, if any."""
+    global _owned_stream
+    if _owned_stream is not None:
+        _owned_stream.close()
+        _owned_stream = None
+
+
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
@@ -137,10 +148,13 @@ def configure_logging(
             f"unknown log level {level!r}: use one of {', '.join(n.upper() for n in _LEVELS)}"
         ) from None
     stream: IO[str] | Writable
+    close_owned_stream()  # a file this helper opened before is replaced
     if file is None:
         stream = sys.stdout
     elif isinstance(file, str):
-        stream = open(file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - kept for the process
+        stream = open(file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - kept until reconfigured
+        global _owned_stream
+        _owned_stream = stream
     else:
         stream = file
     processors: list[Any] = [structlog.contextvars.merge_contextvars]

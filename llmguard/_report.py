@@ -166,6 +166,8 @@ def read_events(
         finally:
             if stream is not sys.stdin:
                 stream.close()
+            if raw is not None:
+                raw.close()  # a GzipFile does not close the file it reads
 
 
 def _timestamp(event: dict[str, Any]) -> datetime | None:

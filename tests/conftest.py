@@ -34,6 +34,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     _config.reset_configuration()
     _prices.reset_prices()
     structlog.reset_defaults()  # a test (or the CLI run in-process) may have configured it
+    _events.close_owned_stream()
     _events._logger = None
 
 
