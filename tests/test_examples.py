@@ -27,3 +27,47 @@ def test_quickstart_runs_offline_and_prints_cost_events() -> None:
     assert events[1]["cost_usd"] == 0
     assert events[1]["saved_usd"] == events[0]["cost_usd"] > 0
     assert "Fake reply about: Summarize: Generate summary" in result.stderr
+
+
+def _run(name: str, **env: str) -> str:
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
+    }
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**clean, **env},
+        check=True,
+    )
+    return result.stdout + result.stderr
+
+
+def test_get_summary_example(tmp_path: Path) -> None:
+    out = _run("get_summary.py", LLMGUARD_CACHE_DIR=str(tmp_path))
+    assert "miss  gpt-4o-mini" in out
+    assert " hit  gpt-4o-mini  $0.00000000" in out
+
+
+def test_fastapi_example_refuses_past_the_users_budget(tmp_path: Path) -> None:
+    out = _run("fastapi_budgets.py", LLMGUARD_CACHE_DIR=str(tmp_path))
+    statuses = [line.split()[1] for line in out.splitlines() if line.startswith(("alice", "bob"))]
+    assert statuses[0] == "200"
+    assert "429" in statuses[:-1]  # alice ran out of her daily budget
+    assert statuses[-1] == "200"  # bob has his own
+    assert "resets" in out
+
+
+def test_async_batch_example(tmp_path: Path) -> None:
+    out = _run("async_batch.py", LLMGUARD_CACHE_DIR=str(tmp_path))
+    assert "40 summaries" in out
+
+
+def test_worker_pool_example_shares_the_budget_through_redis(
+    tmp_path: Path, redis_uri: str
+) -> None:
+    out = _run("worker_pool.py", LLMGUARD_CACHE_DIR=str(tmp_path), REDIS_URL=redis_uri)
+    done, refused = (int(word) for word in out.split() if word.isdigit())
+    assert done + refused == 24
+    assert 0 < done < 24
