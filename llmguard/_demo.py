@@ -42,8 +42,7 @@ def run(out_dir: Path, *, fast: bool = False, stream: TextIO | None = None) -> t
     log_path.write_text("")
     window = 2 if fast else 10
     rpm = 8 if fast else 20
-    ours = rpm + 2  # another service shares the API key: the provider allows us a little less
-    limit = f"{ours} per {window} seconds"
+    limit = f"{rpm} per {window} seconds"  # what the provider allows
     llmguard.configure(storage=f"file://{tempfile.mkdtemp(prefix='llmguard-demo-')}")
     llmguard.configure_logging(json=True, file=str(log_path))
     words = " ".join(["insight"] * 120)
@@ -57,7 +56,7 @@ def run(out_dir: Path, *, fast: bool = False, stream: TextIO | None = None) -> t
         )
         say(
             f"llmguard demo: a fake OpenAI-compatible provider at {fake.url} allows {rpm} "
-            f"requests per {window}s; another service shares the key, so we allow {ours}.\n"
+            f"requests per {window}s, and answers 429 past that.\n"
         )
 
         @llmguard.cached(ttl="1h")
@@ -87,18 +86,22 @@ def run(out_dir: Path, *, fast: bool = False, stream: TextIO | None = None) -> t
         answer("Summarize: " + REPORT * 6)
         say(f"   models used: {', '.join(r.model or '?' for r in fake.requests[-2:])}.\n")
 
-        say(f"3. A burst of {rpm * 2} distinct questions against the provider's limit.")
+        say(
+            f"3. A burst of {rpm * 3} distinct questions against the provider's limit, which is "
+            "briefly overloaded as it starts."
+        )
+        fake.fail_next(2, 429, retry_after=1)
         started = time.monotonic()
         with capture_calls() as burst:
-            for i in range(rpm * 2):
+            for i in range(rpm * 3):
                 answer(f"Burst question number {i}?")
         window_wait = sum(e.get("rate_wait_s", 0) for e in burst.calls)
         retry_wait = sum(e.get("retry_wait_s", 0) for e in burst.calls)
         say(
-            f"   all {rpm * 2} answered in {time.monotonic() - started:.1f}s, none failed: "
+            f"   all {rpm * 3} answered in {time.monotonic() - started:.1f}s, none failed: "
             f"@rate_limited waited {window_wait:.1f}s for the window, and the "
-            f"{len(burst.of('llm_retry'))} rate-limit errors the provider still sent were "
-            f"absorbed by @retry_on_rate_limit ({retry_wait:.1f}s waiting what it asked).\n"
+            f"{len(burst.of('llm_retry'))} rate-limit errors of the overload were absorbed by "
+            f"@retry_on_rate_limit ({retry_wait:.1f}s waiting what the provider asked).\n"
         )
 
         say("4. A runaway loop against a $0.02 budget.")

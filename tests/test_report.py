@@ -243,3 +243,15 @@ def test_the_html_report_renders_its_charts_in_a_real_browser(log: Path, tmp_pat
     assert blue > 500, "the cost chart's bars are not drawn"
     assert green > 500, "the savings chart's bars are not drawn"
     assert ink > 2000, "no text: a blank or broken page"
+
+
+def test_progress_is_reported_while_reading(log: Path) -> None:
+    from llmguard._report import read_events
+
+    seen: list[tuple[str, float]] = []
+    events = list(read_events([str(log)], progress=lambda path, fraction: seen.append((path, fraction))))
+    assert events
+    fractions = [fraction for path, fraction in seen if path == str(log)]
+    assert fractions == sorted(fractions)
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+    assert fractions[-1] == 1.0
