@@ -9,7 +9,6 @@ entry in the storage, which expires so a crashed holder cannot block them foreve
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import functools
 import hashlib
@@ -26,7 +25,7 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 from ._config import UNSET, _Unset
 from ._errors import ConfigurationError, StorageError
 from ._events import warn_once
-from ._flight import Flight
+from ._flight import Flight, _running_loop
 from ._keys import Binder, canonical, code_digest
 from ._pipeline import (
     PROCEED,
@@ -297,7 +296,7 @@ class _CacheLayer:
     def _miss(
         self, call: CallRecord, storage: Storage | None, key: str, stale: Entry | None
     ) -> Generator[Any, Any, Any]:
-        loop = asyncio.get_running_loop() if call.spec.is_async else None
+        loop = _running_loop() if call.spec.is_async else None
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None or flight.loop is not loop

@@ -8,7 +8,6 @@ result (or its exception). Within one process, for threads and asyncio tasks.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -16,7 +15,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from ._config import UNSET, _Unset
 from ._errors import ConfigurationError
-from ._flight import Flight
+from ._flight import Flight, _running_loop
 from ._pipeline import PROCEED, Call, CallRecord, PromptFn, Sleep, check_options, guard
 
 P = ParamSpec("P")
@@ -54,7 +53,7 @@ class _DebounceLayer:
 
     def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
         key = self.key(*call.args, **call.kwargs) if self.key is not None else None
-        loop = asyncio.get_running_loop() if call.spec.is_async else None
+        loop = _running_loop() if call.spec.is_async else None
         with self._lock:
             burst = self._bursts.get(key)
             leader = burst is None or burst.closed or burst.flight.loop is not loop

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # asyncio loads only when an async function is decorated and called
+    import asyncio
 
 Outcome = tuple[bool | None, Any, Decimal | None, str | None]
 """(ok, result or exception, cost, model)."""
@@ -43,6 +45,8 @@ class Flight:
         return self.outcome
 
     async def wait_async(self, timeout: float | None) -> Outcome:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         if self.future is not None and self.loop is loop:
             try:
@@ -51,3 +55,10 @@ class Flight:
                 pass
             return self.outcome
         return await loop.run_in_executor(None, self.wait, timeout)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop:
+    """The running event loop (asyncio is imported here, not at ``import llmguard``)."""
+    import asyncio
+
+    return asyncio.get_running_loop()

@@ -14,8 +14,8 @@ import datetime
 import enum
 import hashlib
 import inspect
+import sys
 import types
-import uuid
 from collections.abc import Callable, Collection, Mapping
 from decimal import Decimal
 from typing import Any
@@ -114,7 +114,8 @@ def _encode(value: Any, where: str) -> bytes:
         return _chunk(b"r", repr(value.total_seconds()).encode())
     if kind is Decimal:
         return _chunk(b"m", str(value).encode())
-    if kind is uuid.UUID:
+    uuid = sys.modules.get("uuid")  # a UUID exists only if its module was imported
+    if uuid is not None and kind is uuid.UUID:
         return _chunk(b"u", value.bytes)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}

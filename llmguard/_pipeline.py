@@ -21,7 +21,6 @@ generators that yield instructions, and driven by two short loops that differ on
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import inspect
@@ -121,6 +120,8 @@ def _drive_sync(layers: tuple[Layer, ...], index: int, call: CallRecord) -> Any:
 
 
 async def _drive_async(layers: tuple[Layer, ...], index: int, call: CallRecord) -> Any:
+    import asyncio  # here, so that `import llmguard` does not load it for sync applications
+
     if index == len(layers):
         return await call.spec.fn(*call.args, **call.kwargs)
     steps = layers[index].run(call)

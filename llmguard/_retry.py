@@ -10,7 +10,6 @@ waiting cannot help. SDK exception types are recognised by name, so no SDK is im
 
 from __future__ import annotations
 
-import email.utils
 import random
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -132,7 +131,9 @@ def retry_after(exc: BaseException, now: Callable[[], float] = time.time) -> flo
     except ValueError:
         pass
     try:
-        when = email.utils.parsedate_to_datetime(str(value))
+        from email.utils import parsedate_to_datetime
+
+        when = parsedate_to_datetime(str(value))
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:

@@ -27,7 +27,7 @@ def test_errors_share_one_base() -> None:
 def test_import_loads_nothing_heavy() -> None:
     code = (
         "import sys, llmguard\n"
-        "heavy = {'tiktoken', 'genai_prices', 'diskcache', 'limits', 'backoff', 'redis', 'openai',"
+        "heavy = {'tiktoken', 'genai_prices', 'diskcache', 'limits', 'backoff', 'redis', 'openai', 'asyncio',"
         " 'anthropic', 'structlog'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )

@@ -249,7 +249,9 @@ def test_progress_is_reported_while_reading(log: Path) -> None:
     from llmguard._report import read_events
 
     seen: list[tuple[str, float]] = []
-    events = list(read_events([str(log)], progress=lambda path, fraction: seen.append((path, fraction))))
+    events = list(
+        read_events([str(log)], progress=lambda path, fraction: seen.append((path, fraction)))
+    )
     assert events
     fractions = [fraction for path, fraction in seen if path == str(log)]
     assert fractions == sorted(fractions)
