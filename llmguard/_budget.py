@@ -35,13 +35,11 @@ from ._ledger import PICO, Ledger, ledger_for
 from ._pipeline import PROCEED, Blocking, CallRecord, PromptFn, check_options, guard
 from ._prices import get_price
 from ._storage import open_storage, validate_uri
-from ._tokens import count_message_tokens, counter_for
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _PERIODS = ("hour", "day", "week", "month", "total")
-_OUTPUT_BUDGET_ARGS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _registry: dict[str, _BudgetLayer] = {}
 _registry_lock = threading.Lock()
 
@@ -193,19 +191,8 @@ class _BudgetLayer:
         price = get_price(model) if model else None
         if price is None:
             return model, None
-        messages, texts = call.prompt()
-        if messages is not None:
-            prompt = int(count_message_tokens(messages, model, tools=call.argument("tools")))
-        else:
-            counter = counter_for(model)
-            prompt = sum(counter.count(text) for text in texts)
-        output = self.default_output_tokens
-        for arg in _OUTPUT_BUDGET_ARGS:
-            value = call.argument(arg)
-            if isinstance(value, int) and not isinstance(value, bool):
-                output = value
-                break
-        return model, price.cost(prompt, output)
+        prompt = call.prompt_tokens(model)
+        return model, price.cost(prompt, call.output_budget(self.default_output_tokens))
 
     # -- the policy ----------------------------------------------------------------------
     def run(self, call: CallRecord) -> Generator[Any, Any, Any]:

@@ -44,6 +44,7 @@ _current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
 )
 _children_lock = threading.Lock()
 _ZERO = Decimal(0)
+_OUTPUT_BUDGET_ARGS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 class _Proceed:
@@ -283,6 +284,25 @@ class CallRecord:
             return self.args[index]
         return declared if declared is not None else default
 
+    def prompt_tokens(self, model: str | None = None) -> int:
+        """This call's prompt in tokens for ``model`` (default: the requested model): chat
+        messages with the cookbook formula (tools included), else the prompt texts."""
+        model = model or self.requested_model()
+        messages, texts = self.prompt()
+        if messages is not None:
+            return int(count_message_tokens(messages, model, tools=self.argument("tools")))
+        counter = counter_for(model)
+        return sum(counter.count(text) for text in texts)
+
+    def output_budget(self, default: int) -> int:
+        """The output tokens this call asks for at most: its ``max_tokens``,
+        ``max_completion_tokens`` or ``max_output_tokens`` argument, else ``default``."""
+        for name in _OUTPUT_BUDGET_ARGS:
+            value = self.argument(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return default
+
     def set(self, **fields: Any) -> None:
         """Add fields to this call's ``llm_call`` event."""
         self.fields.update(fields)
@@ -374,11 +394,7 @@ def _estimate(call: CallRecord, result: Any) -> tuple[str | None, int, int, str]
     """(model, input tokens, output tokens, method) estimated from arguments and result."""
     model = call.requested_model()
     counter = counter_for(model)
-    messages, texts = call.prompt()
-    if messages is not None:
-        input_tokens = int(count_message_tokens(messages, model, tools=call.kwargs.get("tools")))
-    else:
-        input_tokens = sum(counter.count(text) for text in texts)
+    input_tokens = call.prompt_tokens(model)
     output_tokens = counter.count(result) if isinstance(result, str) else 0
     return model, input_tokens, output_tokens, counter.method
 

@@ -22,12 +22,10 @@ from ._config import UNSET, _Unset, storage_uri
 from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge
 from ._pipeline import PROCEED, Blocking, CallRecord, PromptFn, Sleep, check_options, guard
 from ._storage import _scheme, open_storage, validate_uri
-from ._tokens import count_message_tokens, counter_for
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_OUTPUT_BUDGET_ARGS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _limits_storages: dict[str, Any] = {}
 _limits_lock = threading.Lock()
 
@@ -120,18 +118,7 @@ class _RateLimitLayer:
 
     def token_cost(self, call: CallRecord) -> int:
         """Tokens the provider counts against TPM: prompt tokens plus the output budget."""
-        model = call.requested_model()
-        messages, texts = call.prompt()
-        if messages is not None:
-            prompt = int(count_message_tokens(messages, model, tools=call.argument("tools")))
-        else:
-            counter = counter_for(model)
-            prompt = sum(counter.count(text) for text in texts)
-        for name in _OUTPUT_BUDGET_ARGS:
-            budget = call.argument(name)
-            if isinstance(budget, int) and not isinstance(budget, bool):
-                return prompt + budget
-        return prompt + self.default_output_tokens
+        return call.prompt_tokens() + call.output_budget(self.default_output_tokens)
 
     def _expiry(self, item: Any) -> float:
         """The request window, widened by the margin (default: 2% of it, at least 50 ms)."""

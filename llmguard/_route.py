@@ -19,7 +19,6 @@ from ._config import UNSET, _Unset
 from ._errors import ConfigurationError
 from ._pipeline import PROCEED, CallRecord, PromptFn, check_options, guard
 from ._retry import classify, status_of
-from ._tokens import count_message_tokens, counter_for
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -63,13 +62,6 @@ class _RouteLayer:
         index, _ = call.spec.params.get(self.param, (None, None))
         return index is not None and index < len(call.args)
 
-    def _prompt_tokens(self, call: CallRecord, model: str) -> int:
-        messages, texts = call.prompt()
-        if messages is not None:
-            return int(count_message_tokens(messages, model, tools=call.argument("tools")))
-        counter = counter_for(model)
-        return sum(counter.count(text) for text in texts)
-
     def _budget_spent(self, call: CallRecord) -> float | None:
         from ._budget import _layer
 
@@ -94,7 +86,7 @@ class _RouteLayer:
             if self.when is not None and self.when(*call.args, **call.kwargs):
                 return self.cheap, "cheap:when"
             below = self.cheap_below_tokens
-            if below is not None and self._prompt_tokens(call, self.default) < below:
+            if below is not None and call.prompt_tokens(self.default) < below:
                 return self.cheap, "cheap:tokens"
         return self.default, "default"
 
