@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -113,6 +114,7 @@ class _Options:
     cached_tokens: int | Callable[[FakeRequest], int]
     limits: _Window
     quota_exhausted: bool = False
+    chunk_delay: float = 0.0
     requests: list[FakeRequest] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
     faults: deque[_Fault] = field(default_factory=deque)
@@ -148,6 +150,10 @@ class FakeLLMServer:
     rate_limit_exceeded``) or Anthropic-style ones (``anthropic-ratelimit-*``) on
     ``/v1/messages``; a request's tokens are its prompt plus ``max_tokens`` (or the reply).
     ``quota_exhausted=True`` answers every request with OpenAI's ``insufficient_quota`` 429.
+    ``stream=True`` requests are answered with server-sent events in the provider's format
+    (OpenAI chunks, with a final usage chunk when ``stream_options={"include_usage": True}``;
+    Anthropic's message events with usage in ``message_start`` and ``message_delta``), one
+    word per chunk, ``chunk_delay`` seconds apart.
     :meth:`fail_next`, :meth:`drop_next` and :meth:`slow_next` inject faults;
     :attr:`statuses` lists every status code answered.
     """
@@ -162,6 +168,7 @@ class FakeLLMServer:
         tpm: int | None = None,
         window: float = 60.0,
         quota_exhausted: bool = False,
+        chunk_delay: float = 0.0,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -171,6 +178,7 @@ class FakeLLMServer:
             cached_tokens=cached_tokens,
             limits=_Window(rpm, tpm, window),
             quota_exhausted=quota_exhausted,
+            chunk_delay=chunk_delay,
         )
         self._host = host
         self._port = port
@@ -289,6 +297,11 @@ class FakeLLMServer:
             self._options.faults.extend(_Fault("slow", seconds=seconds) for _ in range(n))
 
 
+def _pieces(text: str) -> list[str]:
+    """The reply as streamed deltas: word by word, joining back to exactly ``text``."""
+    return [piece for piece in re.split(r"(?<=\s)(?=\S)", text) if piece]
+
+
 def _duration(seconds: float) -> str:
     """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``."""
     if seconds < 1:
@@ -360,6 +373,28 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             payload = {"error": {"message": message, "type": kind, "param": None, "code": code}}
         self._send(status, payload, headers)
+
+    def _stream(self, events: list[tuple[str | None, Any]]) -> None:
+        """Answer with server-sent events, one HTTP chunk each, paced by ``chunk_delay``."""
+        with self.options.lock:
+            self.options.statuses.append(200)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("x-request-id", f"req_fake_{next(self.options.ids)}")
+        for header, value in self._limit_headers.items():
+            self.send_header(header, value)
+        self.end_headers()
+        for number, (name, data) in enumerate(events):
+            if number and self.options.chunk_delay:
+                time.sleep(self.options.chunk_delay)
+            payload = data if isinstance(data, str) else json.dumps(data)
+            text = (f"event: {name}\n" if name else "") + f"data: {payload}\n\n"
+            raw = text.encode()
+            self.wfile.write(f"{len(raw):X}\r\n".encode() + raw + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
 
     def _fault(self, fault: _Fault) -> None:
         headers = {}
@@ -443,8 +478,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not request.model:
             self._error(400, "model is required")
             return
-        if body.get("stream"):
-            self._error(400, "the fake server does not stream yet")
+        if body.get("stream") and path == "/v1/responses":
+            self._error(400, "the fake server streams chat completions and messages, not responses")
             return
         with self.options.lock:
             fault = self.options.faults.popleft() if self.options.faults else None
@@ -501,6 +536,52 @@ class _Handler(BaseHTTPRequestHandler):
         n, model, text, prompt, completion, cached = self._answer(
             request, list(body.get("messages") or []), body.get("tools")
         )
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        }
+        if body.get("stream"):
+            base = {
+                "id": f"chatcmpl-fake{n}",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "system_fingerprint": "fp_fake",
+            }
+            deltas = [{"role": "assistant", "content": ""}] + [
+                {"content": piece} for piece in _pieces(text)
+            ]
+            events: list[tuple[str | None, Any]] = [
+                (
+                    None,
+                    {
+                        **base,
+                        "choices": [
+                            {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
+                        ],
+                    },
+                )
+                for delta in deltas
+            ]
+            events.append(
+                (
+                    None,
+                    {
+                        **base,
+                        "choices": [
+                            {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}
+                        ],
+                    },
+                )
+            )
+            if (body.get("stream_options") or {}).get("include_usage"):
+                events.append((None, {**base, "choices": [], "usage": usage}))
+            events.append((None, "[DONE]"))
+            self._stream(events)
+            return
         self._send(
             200,
             {
@@ -575,6 +656,58 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("system"):
             messages.insert(0, {"role": "system", "content": _text(body["system"])})
         n, model, text, prompt, completion, cached = self._answer(request, messages)
+        if body.get("stream"):
+            usage = {
+                "input_tokens": prompt - cached,
+                "cache_read_input_tokens": cached,
+                "cache_creation_input_tokens": 0,
+            }
+            message: dict[str, Any] = {
+                "id": f"msg_fake{n}",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {**usage, "output_tokens": 1},
+            }
+            events: list[tuple[str | None, Any]] = [
+                ("message_start", {"type": "message_start", "message": message}),
+                (
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": 0,
+                        "content_block": {"type": "text", "text": ""},
+                    },
+                ),
+            ]
+            events += [
+                (
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": piece},
+                    },
+                )
+                for piece in _pieces(text)
+            ]
+            events += [
+                ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                (
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                        "usage": {"output_tokens": completion},
+                    },
+                ),
+                ("message_stop", {"type": "message_stop"}),
+            ]
+            self._stream(events)
+            return
         self._send(
             200,
             {

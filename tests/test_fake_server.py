@@ -169,3 +169,96 @@ def test_fault_injection_with_the_sdk(fake_llm: FakeLLMServer) -> None:
     client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert fake_llm.statuses[:3] == [503, 503, 0]
     assert 200 in fake_llm.statuses[3:]
+
+
+def llmguard_count(text: str) -> int:
+    import llmguard
+
+    return int(llmguard.count_tokens(text, "gpt-4o-mini"))
+
+
+def test_openai_streaming_with_the_real_sdk(flavour: str) -> None:
+    import asyncio
+
+    with FakeLLMServer(chunk_delay=0.01) as fake:
+        request = {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "stream me a reply please"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if flavour == "sync":
+            chunks = list(fake.openai_client().chat.completions.create(**request))
+        else:
+
+            async def collect() -> list[Any]:
+                stream = await fake.openai_client(async_client=True).chat.completions.create(
+                    **request
+                )
+                return [chunk async for chunk in stream]
+
+            chunks = asyncio.run(collect())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Fake reply about: stream me a reply please"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == llmguard_count(text)
+    assert usage.prompt_tokens > 0
+    without_usage = FakeLLMServer().start()
+    try:
+        plain = list(
+            without_usage.openai_client().chat.completions.create(
+                **{**request, "stream_options": None}
+            )
+        )
+    finally:
+        without_usage.stop()
+    assert all(chunk.usage is None for chunk in plain)
+
+
+def test_anthropic_streaming_with_the_real_sdk(flavour: str) -> None:
+    import asyncio
+
+    request = {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "stream this"}],
+    }
+    with FakeLLMServer() as fake:
+        if flavour == "sync":
+            with fake.anthropic_client().messages.stream(**request) as stream:
+                text = "".join(stream.text_stream)
+                final = stream.get_final_message()
+        else:
+
+            async def collect() -> tuple[str, Any]:
+                async with fake.anthropic_client(async_client=True).messages.stream(
+                    **request
+                ) as stream:
+                    pieces = [piece async for piece in stream.text_stream]
+                    return "".join(pieces), await stream.get_final_message()
+
+            text, final = asyncio.run(collect())
+    assert text == "Fake reply about: stream this"
+    assert final.content[0].text == text
+    assert final.usage.output_tokens > 0
+    assert final.usage.input_tokens > 0
+    assert final.stop_reason == "end_turn"
+
+
+def test_chunks_arrive_as_they_are_sent() -> None:
+    with FakeLLMServer(chunk_delay=0.05) as fake:
+        stream = fake.openai_client().chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "one two three four five"}],
+            stream=True,
+        )
+        started = time.perf_counter()
+        first = next(iter(stream))
+        first_after = time.perf_counter() - started
+        rest = list(stream)
+        total = time.perf_counter() - started
+    assert first.choices[0].delta.role == "assistant"
+    assert first_after < 0.05  # not buffered until the end
+    assert total >= 0.05 * (len(rest) - 1)
