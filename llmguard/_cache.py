@@ -40,6 +40,7 @@ from ._pipeline import (
 )
 from ._serialize import Entry, EntryError, decode, encode
 from ._storage import Storage, open_storage, validate_uri
+from ._stream import is_stream
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -374,6 +375,14 @@ class _CacheLayer:
             with self._lock:
                 self._misses += 1
             call.fields["cache"] = "miss"
+            if is_stream(result):  # not stored (yet): each caller must get its own stream
+                warn_once(
+                    f"{self.function}:stream",
+                    "cache_stream_not_cached",
+                    function=self.function,
+                    hint="streamed results pass through @cached uncached",
+                )
+                return result  # the finally below lets any waiters call for themselves
             if storage is not None and (self.cache_if is None or self.cache_if(result)):
                 try:
                     yield from self._io(storage, self._write, storage, key, result, call)

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 from ._errors import ConfigurationError
 from ._pipeline import _current
+from ._stream import StreamTally, is_stream
+from ._stream import wrap as wrap_stream
 from ._usage import Usage, usage_from_response
 
 C = TypeVar("C")
@@ -30,19 +32,27 @@ _TARGETS = (
 _MARK = "__llmguard_instrumented__"
 
 
-def _report(response: Any) -> None:
+def _report(response: Any) -> Any:
+    """Add ``response``'s usage to the call in progress; a stream is returned wrapped, to
+    report its usage when it has been consumed."""
     call = _current.get()
     if call is None:
-        return
+        return response
+    if is_stream(response):
+
+        def on_end(tally: StreamTally, error: BaseException | None) -> None:
+            if tally.usage is not None:
+                call.add_usage(tally.usage)
+
+        return wrap_stream(response, on_end)
     usage = usage_from_response(response)
     if usage is not None:
         call.add_usage(usage, source=response)
+    return response
 
 
 async def _report_when_done(awaitable: Any) -> Any:
-    response = await awaitable
-    _report(response)
-    return response
+    return _report(await awaitable)
 
 
 def _wrap(method: Any) -> Any:
@@ -53,8 +63,7 @@ def _wrap(method: Any) -> Any:
         response = method(*args, **kwargs)
         if inspect.isawaitable(response):
             return _report_when_done(response)
-        _report(response)
-        return response
+        return _report(response)
 
     setattr(create, _MARK, True)
     return create

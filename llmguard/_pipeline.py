@@ -36,6 +36,8 @@ from ._config import _Unset
 from ._errors import ConfigurationError
 from ._events import emit, warn_once
 from ._prices import get_price
+from ._stream import StreamTally, is_stream
+from ._stream import wrap as wrap_stream
 from ._tokens import count_message_tokens, counter_for
 from ._usage import Usage, text_from_response, usage_from_response
 
@@ -473,6 +475,15 @@ def _settle(call: CallRecord, result: Any, error: BaseException | None) -> Meter
     return Metering(model, input_tokens, output_tokens, cost, "estimate", method=method)
 
 
+def _finish_stream(call: CallRecord, tally: StreamTally, error: BaseException | None) -> None:
+    """A returned stream ended (or was closed, or failed): meter what was consumed."""
+    usage = tally.usage
+    if usage is not None:
+        call.add_usage(usage)
+    call.fields["stream_chunks"] = tally.chunks
+    _finish(call, tally.text, error)
+
+
 def _event_fields(call: CallRecord, result: Any, error: BaseException | None) -> dict[str, Any]:
     metering = call.meter(result, error)
     cost = metering.cost
@@ -526,6 +537,8 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
                 _finish(call, None, exc)
                 raise
             _current.reset(token)
+            if is_stream(result):  # metered when the caller has consumed it
+                return wrap_stream(result, functools.partial(_finish_stream, call))
             _finish(call, result, None)
             return result
 
@@ -541,6 +554,8 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
             _finish(call, None, exc)
             raise
         _current.reset(token)
+        if is_stream(result):  # metered when the caller has consumed it
+            return wrap_stream(result, functools.partial(_finish_stream, call))
         _finish(call, result, None)
         return result
 

@@ -1,0 +1,190 @@
+"""Streams: chunks pass through unchanged, as they arrive; the call is metered at the end.
+
+A decorated function that returns a stream (an ``openai`` ``Stream``/``AsyncStream`` of
+chat chunks, an ``anthropic`` event stream, any iterator or async iterator of chunks) gets
+back a wrapper that yields the same chunks. When the stream ends, is closed early, or fails,
+the wrapper reports what was consumed: the usage in the final chunk when the provider sends
+one (OpenAI ``stream_options={"include_usage": True}``, Anthropic ``message_start`` /
+``message_delta``), else the text of the deltas for an estimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._usage import Usage, usage_from_usage_object
+
+_NOT_STREAMS = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
+
+OnEnd = Callable[["StreamTally", BaseException | None], None]
+
+
+def is_stream(value: Any) -> bool:
+    """An iterator or async iterator of chunks (not a string, container or file-like answer)."""
+    if value is None or isinstance(value, _NOT_STREAMS):
+        return False
+    kind = type(value)
+    return (hasattr(kind, "__next__") and hasattr(kind, "__iter__")) or hasattr(kind, "__anext__")
+
+
+def _get(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+class StreamTally:
+    """What the chunks of one stream add up to: text, model, usage."""
+
+    __slots__ = ("_input", "_output", "_usage", "chunks", "model", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.model: str | None = None
+        self._usage: Usage | None = None
+        self._input: dict[str, int] = {}
+        self._output: int | None = None
+        self.chunks = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def usage(self) -> Usage | None:
+        """The usage the provider reported, or None (then estimate from ``text``)."""
+        if self._usage is not None:
+            return self._usage
+        if self._input:
+            read = self._input.get("cache_read_input_tokens", 0)
+            write = self._input.get("cache_creation_input_tokens", 0)
+            total = self._input.get("input_tokens", 0) + read + write
+            return Usage(total, self._output or 0, read, write, self.model)
+        return None
+
+    def add(self, chunk: Any) -> None:
+        self.chunks += 1
+        if isinstance(chunk, str):  # a generator of text pieces
+            self.parts.append(chunk)
+            return
+        kind = _get(chunk, "type")
+        if kind is None:  # OpenAI chat chunk
+            model = _get(chunk, "model")
+            if isinstance(model, str):
+                self.model = model
+            for choice in _get(chunk, "choices") or ():
+                content = _get(_get(choice, "delta"), "content")
+                if isinstance(content, str):
+                    self.parts.append(content)
+            usage = _get(chunk, "usage")
+            if usage is not None:
+                self._usage = usage_from_usage_object(usage, self.model)
+        elif kind == "message_start":  # Anthropic raw events
+            message = _get(chunk, "message")
+            self.model = _get(message, "model") or self.model
+            usage = _get(message, "usage")
+            for name in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+                value = _get(usage, name)
+                if isinstance(value, int):
+                    self._input[name] = value
+        elif kind == "content_block_delta":
+            text = _get(_get(chunk, "delta"), "text")
+            if isinstance(text, str):
+                self.parts.append(text)
+        elif kind == "message_delta":
+            output = _get(_get(chunk, "usage"), "output_tokens")
+            if isinstance(output, int):
+                self._output = output
+
+
+class _Base:
+    def __init__(self, inner: Any, on_end: OnEnd) -> None:
+        self._inner = inner
+        self._on_end: OnEnd | None = on_end
+        self.tally = StreamTally()
+
+    def _end(self, error: BaseException | None) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(self.tally, error)
+
+    def __getattr__(self, name: str) -> Any:  # .response, .get_final_completion(), ...
+        return getattr(self._inner, name)
+
+
+class MeteredStream(_Base):
+    """A sync stream: the same chunks, metered when it ends or is closed."""
+
+    def __iter__(self) -> MeteredStream:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            chunk = next(self._inner)
+        except StopIteration:
+            self._end(None)
+            raise
+        except BaseException as exc:
+            self._end(exc)
+            raise
+        self.tally.add(chunk)
+        return chunk
+
+    def close(self) -> None:
+        """Stop early: the call is metered with what was consumed."""
+        try:
+            close = getattr(self._inner, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._end(None)
+
+    def __enter__(self) -> MeteredStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncMeteredStream(_Base):
+    """An async stream: the same chunks, metered when it ends or is closed."""
+
+    def __aiter__(self) -> AsyncMeteredStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            chunk = await self._inner.__anext__()
+        except StopAsyncIteration:
+            self._end(None)
+            raise
+        except BaseException as exc:
+            self._end(exc)
+            raise
+        self.tally.add(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        """Stop early: the call is metered with what was consumed."""
+        try:
+            close = getattr(self._inner, "aclose", None) or getattr(self._inner, "close", None)
+            if close is not None:
+                result = close()
+                if hasattr(result, "__await__"):
+                    await result
+        finally:
+            self._end(None)
+
+    close = aclose
+
+    async def __aenter__(self) -> AsyncMeteredStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def wrap(stream: Any, on_end: OnEnd) -> Any:
+    """``stream`` metered: ``on_end(tally, error)`` runs once, when it ends."""
+    if hasattr(type(stream), "__anext__"):
+        return AsyncMeteredStream(stream, on_end)
+    return MeteredStream(stream, on_end)

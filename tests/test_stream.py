@@ -1,0 +1,194 @@
+"""Streams returned by decorated functions are metered when consumed (issue 7, first part)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import llmguard
+from llmguard.testing import CapturedEvents, FakeLLMServer
+
+MESSAGES = [{"role": "user", "content": "stream me a reply please"}]
+REPLY = "Fake reply about: stream me a reply please"
+
+
+def test_a_returned_openai_stream_is_metered_when_consumed(
+    flavour: str, fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
+    options: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if flavour == "sync":
+        client = fake_llm.openai_client()
+
+        @llmguard.track
+        def ask() -> Any:
+            return client.chat.completions.create(**options)
+
+        stream = ask()
+        assert events.calls == []  # nothing is known until it is consumed
+        chunks = list(stream)
+    else:
+        aclient = fake_llm.openai_client(async_client=True)
+
+        @llmguard.track
+        async def aask() -> Any:
+            return await aclient.chat.completions.create(**options)
+
+        async def main() -> list[Any]:
+            stream = await aask()
+            assert events.calls == []
+            return [chunk async for chunk in stream]
+
+        chunks = asyncio.run(main())
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REPLY
+    [event] = events.calls
+    usage = chunks[-1].usage
+    assert event["cost_source"] == "usage"
+    assert (event["input_tokens"], event["output_tokens"]) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+    assert event["model"] == "gpt-4o-mini"
+    assert event["stream_chunks"] == len(chunks)
+    assert event["cost_usd"] == float(
+        llmguard.calc_cost("gpt-4o-mini", usage.prompt_tokens, usage.completion_tokens)
+    )  # type: ignore[arg-type]
+
+
+def test_without_a_usage_chunk_the_deltas_are_estimated(
+    fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
+    client = fake_llm.openai_client()
+
+    @llmguard.track
+    def ask(messages: list[dict[str, str]], model: str = "gpt-4o") -> Any:
+        return client.chat.completions.create(model=model, messages=messages, stream=True)
+
+    text = "".join(c.choices[0].delta.content or "" for c in ask(MESSAGES) if c.choices)
+    [event] = events.calls
+    assert event["cost_source"] == "estimate"
+    assert event["output_tokens"] == llmguard.count_tokens(text, "gpt-4o")
+    assert event["input_tokens"] == llmguard.count_message_tokens(MESSAGES, "gpt-4o")
+
+
+def test_anthropic_raw_event_streams(fake_llm: FakeLLMServer, events: CapturedEvents) -> None:
+    client = fake_llm.anthropic_client()
+
+    @llmguard.track
+    def ask() -> Any:
+        return client.messages.create(
+            model="claude-3-5-haiku-latest",
+            max_tokens=50,
+            messages=[{"role": "user", "content": "stream this"}],
+            stream=True,
+        )
+
+    pieces = [e.delta.text for e in ask() if e.type == "content_block_delta"]
+    assert "".join(pieces) == "Fake reply about: stream this"
+    [event] = events.calls
+    assert event["cost_source"] == "usage"
+    assert event["model"] == "claude-3-5-haiku-latest"
+    assert event["output_tokens"] == llmguard.count_tokens(
+        "Fake reply about: stream this", "claude-3-5-haiku-latest"
+    )
+
+
+def test_closed_early_is_metered_with_what_was_consumed(
+    fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
+    client = fake_llm.openai_client()
+
+    @llmguard.track
+    def ask() -> Any:
+        return client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+
+    stream = ask()
+    consumed = [next(stream), next(stream), next(stream)]
+    stream.close()
+    text = "".join(c.choices[0].delta.content or "" for c in consumed)
+    [event] = events.calls
+    assert (event["outcome"], event["stream_chunks"]) == ("ok", 3)
+    assert event["output_tokens"] == llmguard.count_tokens(text, "gpt-4o")
+    stream.close()  # closing twice logs nothing more
+    assert len(events.calls) == 1
+
+
+def test_generators_and_failures(flavour: str, events: CapturedEvents) -> None:
+    if flavour == "sync":
+
+        @llmguard.track(model="gpt-4o")
+        def pieces(fail: bool) -> Iterator[str]:
+            yield "Hello "
+            if fail:
+                raise ConnectionError("stream cut")
+            yield "world"
+
+        assert "".join(pieces(False)) == "Hello world"
+        with pytest.raises(ConnectionError):
+            list(pieces(True))
+    else:
+
+        @llmguard.track(model="gpt-4o")
+        async def apieces(fail: bool) -> Any:
+            yield "Hello "
+            if fail:
+                raise ConnectionError("stream cut")
+            yield "world"
+
+        async def main() -> str:
+            text = "".join([p async for p in apieces(False)])
+            with pytest.raises(ConnectionError):
+                [p async for p in apieces(True)]
+            return text
+
+        assert asyncio.run(main()) == "Hello world"
+    ok, failed = events.calls
+    assert (ok["outcome"], ok["output_tokens"]) == (
+        "ok",
+        llmguard.count_tokens("Hello world", "gpt-4o"),
+    )
+    assert (failed["outcome"], failed["error"]) == ("error", "ConnectionError")
+
+
+def test_instrument_meters_streams_consumed_inside(
+    fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
+    client = llmguard.instrument(fake_llm.openai_client())
+
+    @llmguard.track
+    def ask() -> str:
+        stream = client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    assert ask() == REPLY
+    [event] = events.calls
+    assert event["cost_source"] == "usage"
+    assert event["output_tokens"] == llmguard.count_tokens(REPLY, "gpt-4o")
+
+
+def test_cached_passes_streams_through_uncached_for_now(
+    fake_llm: FakeLLMServer, events: CapturedEvents, tmp_path: Any
+) -> None:
+    client = fake_llm.openai_client()
+
+    @llmguard.cached(storage=f"file://{tmp_path}/c")
+    def ask(question: str) -> Any:
+        return client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": question}], stream=True
+        )
+
+    first = "".join(c.choices[0].delta.content or "" for c in ask("q") if c.choices)
+    second = "".join(c.choices[0].delta.content or "" for c in ask("q") if c.choices)
+    assert first == second == "Fake reply about: q"
+    assert len(fake_llm.requests) == 2
+    assert len(events.of("cache_stream_not_cached")) == 1
+    assert [e["cache"] for e in events.calls] == ["miss", "miss"]
