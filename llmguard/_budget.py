@@ -35,6 +35,9 @@ from ._ledger import PICO, Ledger, ledger_for
 from ._pipeline import PROCEED, Blocking, CallRecord, PromptFn, check_options, guard
 from ._prices import get_price
 from ._storage import open_storage, validate_uri
+from ._stream import StreamTally, is_stream
+from ._stream import wrap as wrap_stream
+from ._tokens import count_tokens
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -272,27 +275,64 @@ class _BudgetLayer:
                 {"budget": name, "key": key, "estimate_usd": float(estimate)},
             )
             rid = ""  # "warn": proceed unreserved, and record what it spends
-        error: BaseException | None = None
-        result: Any = None
         reported_before = len(call.usages)  # an outer layer may run this call again
+        settle = functools.partial(self._settle, call, name, key, ledger_key, rid or None)
         try:
             result = yield PROCEED
         except Exception as exc:
-            error = exc
+            cost = self._attempt_cost(call, None, exc, reported_before, estimate)
+            yield from settle(_pico(cost), ttl, start, end)
             raise
-        finally:
-            metering = call.meter(result, error)  # also takes in the result's own usage
-            if len(call.usages) > reported_before:  # what this attempt reported
-                cost = call.usage_totals(since=reported_before)[1]
-            elif error is not None:
-                cost = Decimal(0)  # nothing was billed: release the reservation
-            else:
-                cost = metering.cost
-            actual = _pico(cost if cost is not None else estimate)
-            yield from self._settle(
-                call, name, key, ledger_key, rid or None, actual, ttl, start, end
-            )
+        if is_stream(result):  # hold the reservation until the stream has been consumed
+
+            def at_end(tally: StreamTally, error: BaseException | None) -> None:
+                usage = tally.usage
+                if usage is not None:
+                    price = get_price(usage.model or model or "")
+                    cost = (
+                        None
+                        if price is None
+                        else price.cost(
+                            usage.input_tokens,
+                            usage.output_tokens,
+                            usage.cached_input_tokens,
+                            usage.cache_write_tokens,
+                        )
+                    )
+                else:
+                    price = get_price(model) if model else None
+                    cost = (
+                        None
+                        if price is None
+                        else price.cost(
+                            call.prompt_tokens(model), int(count_tokens(tally.text, model))
+                        )
+                    )
+                _run_inline(settle(_pico(cost if cost is not None else estimate), ttl, start, end))
+
+            return wrap_stream(result, at_end)
+        cost = self._attempt_cost(call, result, None, reported_before, estimate)
+        yield from settle(_pico(cost), ttl, start, end)
         return result
+
+    @staticmethod
+    def _attempt_cost(
+        call: CallRecord,
+        result: Any,
+        error: BaseException | None,
+        reported_before: int,
+        estimate: Decimal,
+    ) -> Decimal:
+        """What this attempt cost: the usage it reported, else nothing if it failed, else
+        the call's metering (an estimate), else the reserved worst case."""
+        metering = call.meter(result, error)  # also takes in the result's own usage
+        if len(call.usages) > reported_before:
+            cost = call.usage_totals(since=reported_before)[1]
+        elif error is not None:
+            return Decimal(0)  # nothing was billed: release the reservation
+        else:
+            cost = metering.cost
+        return cost if cost is not None else estimate
 
     def _settle(
         self,
@@ -352,6 +392,17 @@ class _BudgetLayer:
         )
         if self.on_alert is not None:
             self.on_alert(status)
+
+
+def _run_inline(steps: Generator[Any, Any, Any]) -> Any:
+    """Drive a layer's generator outside a call (a stream's end): blocking steps run here."""
+    sent: Any = None
+    while True:
+        try:
+            instruction = steps.send(sent)
+        except StopIteration as stop:
+            return stop.value
+        sent = instruction.fn() if isinstance(instruction, Blocking) else None
 
 
 def _decimal_usd(value: Any, what: str) -> Decimal:

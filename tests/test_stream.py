@@ -192,3 +192,48 @@ def test_cached_passes_streams_through_uncached_for_now(
     assert len(fake_llm.requests) == 2
     assert len(events.of("cache_stream_not_cached")) == 1
     assert [e["cache"] for e in events.calls] == ["miss", "miss"]
+
+
+def test_budget_holds_the_reservation_until_the_stream_ends(
+    flavour: str, fake_llm: FakeLLMServer, events: CapturedEvents, tmp_path: Any
+) -> None:
+    from decimal import Decimal
+
+    options: dict[str, Any] = {
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 100,
+    }
+    budget = llmguard.budget(usd="1", name=f"streamed-{flavour}", storage=f"file://{tmp_path}/l")
+    if flavour == "sync":
+        client = fake_llm.openai_client()
+
+        @budget
+        def ask(*, model: str = "gpt-4o", max_tokens: int = 100) -> Any:
+            return client.chat.completions.create(model=model, **options)
+
+        stream = ask()
+        held = llmguard.budget_status(f"streamed-{flavour}")
+        chunks = list(stream)
+    else:
+        aclient = fake_llm.openai_client(async_client=True)
+
+        @budget
+        async def aask(*, model: str = "gpt-4o", max_tokens: int = 100) -> Any:
+            return await aclient.chat.completions.create(model=model, **options)
+
+        async def main() -> tuple[Any, list[Any]]:
+            stream = await aask()
+            status = llmguard.budget_status(f"streamed-{flavour}")
+            return status, [chunk async for chunk in stream]
+
+        held, chunks = asyncio.run(main())
+    assert held.reserved_usd > 0  # reserved while the stream is open
+    assert held.spent_usd == 0
+    done = llmguard.budget_status(f"streamed-{flavour}")
+    [event] = events.calls
+    assert done.reserved_usd == 0
+    assert done.spent_usd == Decimal(str(event["cost_usd"])) > 0  # settled at the real cost
+    assert event["budget_spent_usd"] == event["cost_usd"]
+    assert chunks[-1].usage is not None
