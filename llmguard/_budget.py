@@ -37,7 +37,6 @@ from ._prices import get_price
 from ._storage import open_storage, validate_uri
 from ._stream import StreamTally, is_stream
 from ._stream import wrap as wrap_stream
-from ._tokens import count_tokens
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -286,28 +285,7 @@ class _BudgetLayer:
         if is_stream(result):  # hold the reservation until the stream has been consumed
 
             def at_end(tally: StreamTally, error: BaseException | None) -> None:
-                usage = tally.usage
-                if usage is not None:
-                    price = get_price(usage.model or model or "")
-                    cost = (
-                        None
-                        if price is None
-                        else price.cost(
-                            usage.input_tokens,
-                            usage.output_tokens,
-                            usage.cached_input_tokens,
-                            usage.cache_write_tokens,
-                        )
-                    )
-                else:
-                    price = get_price(model) if model else None
-                    cost = (
-                        None
-                        if price is None
-                        else price.cost(
-                            call.prompt_tokens(model), int(count_tokens(tally.text, model))
-                        )
-                    )
+                cost = call.stream_cost(tally)[1]
                 _run_inline(settle(_pico(cost if cost is not None else estimate), ttl, start, end))
 
             return wrap_stream(result, at_end)

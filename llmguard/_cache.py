@@ -40,12 +40,14 @@ from ._pipeline import (
 )
 from ._serialize import Entry, EntryError, decode, encode
 from ._storage import Storage, open_storage, validate_uri
-from ._stream import is_stream
+from ._stream import StreamTally, is_stream, replay
+from ._stream import wrap as wrap_stream
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _bypass: ContextVar[bool] = ContextVar("llmguard_bypass_cache", default=False)
+_STREAM_STORED = object()  # a flight's value: the leader's stream is in the storage now
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 
@@ -211,17 +213,28 @@ class _CacheLayer:
                 pass
             return None
 
-    def _write(self, storage: Storage, key: str, value: Any, call: CallRecord) -> None:
-        metering = call.meter(value)
+    def _write(
+        self,
+        storage: Storage,
+        key: str,
+        value: Any,
+        call: CallRecord,
+        stream: tuple[str | None, Decimal | None] | None = None,
+    ) -> None:
+        """Store ``value`` (for a stream: its chunks, with the stream's (model, cost))."""
+        model, cost = (
+            stream if stream is not None else (call.meter(value).model, call.meter(value).cost)
+        )
         now = self.clock()
         data = encode(
             value,
             serializer=self.serializer,
-            model=metering.model,
-            cost=metering.cost,
+            model=model,
+            cost=cost,
             created=now,
             expires=None if self.ttl is None else now + self.ttl,
             function=self.function,
+            stream=stream is not None,
         )
         if self.ttl is None:
             physical = None
@@ -283,9 +296,14 @@ class _CacheLayer:
                 storage = None
         if self._fresh(entry):
             assert entry is not None
-            return self._served(call, entry.value, entry.model, entry.cost, "hit")
+            return self._served(call, self._value(entry, call), entry.model, entry.cost, "hit")
         stale = entry if self.stale_if_error else None
         return (yield from self._miss(call, storage, key, stale))
+
+    @staticmethod
+    def _value(entry: Entry, call: CallRecord) -> Any:
+        """An entry's value for this call: a stored stream is replayed afresh."""
+        return replay(entry.value, asynchronous=call.spec.is_async) if entry.stream else entry.value
 
     def _binds(self, call: CallRecord) -> bool:
         try:
@@ -311,6 +329,14 @@ class _CacheLayer:
                 lambda: waiting.wait(self.lock_timeout),
                 lambda: waiting.wait_async(self.lock_timeout),
             )
+            if ok is True and value is _STREAM_STORED and storage is not None:
+                entry = yield from self._io(storage, self._read, storage, key)
+                if entry is not None and entry.stream:
+                    call.fields["coalesced"] = True
+                    return self._served(
+                        call, self._value(entry, call), entry.model, entry.cost, "hit"
+                    )
+                return (yield PROCEED)
             if ok is True:
                 call.fields["coalesced"] = True
                 return self._served(call, value, model or call.requested_model(), cost, "hit")
@@ -322,10 +348,15 @@ class _CacheLayer:
         try:
             return (yield from self._lead(call, storage, key, stale, flight))
         finally:
-            flight.finish(None, None)  # unblocks waiters if the leader never published
-            with self._lock:
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
+            if not flight.deferred:
+                self._land(key, flight)
+
+    def _land(self, key: str, flight: Flight) -> None:
+        """The flight is over: unblock its waiters (if the leader never published) and forget it."""
+        flight.finish(None, None)
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
 
     def _lead(
         self,
@@ -359,7 +390,9 @@ class _CacheLayer:
                     flight.finish(True, entry.value, entry.cost, entry.model)
                     if locked is None:
                         call.fields["coalesced"] = True
-                    return self._served(call, entry.value, entry.model, entry.cost, "hit")
+                    return self._served(
+                        call, self._value(entry, call), entry.model, entry.cost, "hit"
+                    )
                 if locked is not None or time.monotonic() >= deadline:
                     break
                 yield Sleep(delay, sleep=self.sleep, async_sleep=self.async_sleep)
@@ -375,14 +408,13 @@ class _CacheLayer:
             with self._lock:
                 self._misses += 1
             call.fields["cache"] = "miss"
-            if is_stream(result):  # not stored (yet): each caller must get its own stream
-                warn_once(
-                    f"{self.function}:stream",
-                    "cache_stream_not_cached",
-                    function=self.function,
-                    hint="streamed results pass through @cached uncached",
+            if is_stream(result) and storage is not None:
+                flight.deferred = True  # lock and flight stay open until the stream ends
+                return self._store_when_done(
+                    call, storage, key, result, flight, locked, lock_key, token
                 )
-                return result  # the finally below lets any waiters call for themselves
+            if is_stream(result):
+                return result
             if storage is not None and (self.cache_if is None or self.cache_if(result)):
                 try:
                     yield from self._io(storage, self._write, storage, key, result, call)
@@ -393,8 +425,44 @@ class _CacheLayer:
             flight.finish(True, result, metering.cost, metering.model)
             return result
         finally:
-            if locked is not None:
+            if locked is not None and not flight.deferred:
                 yield from self._release(locked, lock_key, token)
+
+    def _store_when_done(
+        self,
+        call: CallRecord,
+        storage: Storage,
+        key: str,
+        stream: Any,
+        flight: Flight,
+        locked: Storage | None,
+        lock_key: str,
+        token: bytes,
+    ) -> Any:
+        """The leader's stream, passed through; stored only if it runs to its end."""
+
+        def at_end(tally: StreamTally, error: BaseException | None) -> None:
+            stored = False
+            try:
+                chunks = tally.kept or []
+                if (
+                    error is None
+                    and tally.complete
+                    and (self.cache_if is None or self.cache_if(chunks))
+                ):
+                    self._write(storage, key, chunks, call, stream=call.stream_cost(tally))
+                    stored = True
+            finally:
+                if locked is not None:
+                    try:
+                        locked.release(lock_key, token)
+                    except StorageError as exc:
+                        self._warn("cache_unavailable", exc)
+                if stored:
+                    flight.finish(True, _STREAM_STORED)
+                self._land(key, flight)
+
+        return wrap_stream(stream, at_end, keep=True)
 
     def _release(self, storage: Storage, lock_key: str, token: bytes) -> Generator[Any, Any, None]:
         try:

@@ -20,10 +20,11 @@ class Flight:
     ``wait`` (threads) or ``wait_async`` (asyncio tasks: on the leader's loop they await a
     future, from another loop they wait in a worker thread)."""
 
-    __slots__ = ("event", "future", "loop", "outcome")
+    __slots__ = ("deferred", "event", "future", "loop", "outcome")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.event = threading.Event()
+        self.deferred = False  # the leader finishes it later (when its stream ends)
         self.loop = loop
         self.future: asyncio.Future[Any] | None = loop.create_future() if loop is not None else None
         self.outcome: Outcome = (None, None, None, None)

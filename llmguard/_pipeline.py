@@ -296,6 +296,25 @@ class CallRecord:
         counter = counter_for(model)
         return sum(counter.count(text) for text in texts)
 
+    def stream_cost(self, tally: StreamTally) -> tuple[str | None, Decimal | None]:
+        """(model, cost) of a consumed stream: its reported usage, else an estimate of its
+        text against this call's prompt; cost None if the model has no price."""
+        usage = tally.usage
+        model = (
+            (usage.model if usage is not None else None) or tally.model or self.requested_model()
+        )
+        price = get_price(model) if model else None
+        if price is None:
+            return model, None
+        if usage is not None:
+            return model, price.cost(
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cached_input_tokens,
+                usage.cache_write_tokens,
+            )
+        return model, price.cost(self.prompt_tokens(model), counter_for(model).count(tally.text))
+
     def output_budget(self, default: int) -> int:
         """The output tokens this call asks for at most: its ``max_tokens``,
         ``max_completion_tokens`` or ``max_output_tokens`` argument, else ``default``."""

@@ -33,6 +33,7 @@ class Entry:
     cost: Decimal | None
     created: float
     expires: float | None  # logical expiry; a stale entry may live on past it
+    stream: bool = False  # value is the list of a stream's chunks, to replay
 
 
 def _tag(value: Any) -> Any:
@@ -85,6 +86,7 @@ def encode(
     created: float,
     expires: float | None,
     function: str,
+    stream: bool = False,
 ) -> bytes:
     """The entry's bytes: one JSON header line, then the payload (UTF-8 text for a str,
     JSON for plain data and pydantic models, pickle bytes only when opted in). TypeError
@@ -98,7 +100,10 @@ def encode(
         "expires": expires,
     }
     payload: bytes
-    if serializer == "pickle":
+    if stream:
+        header["kind"] = "stream"
+        payload = _json([_chunk(chunk, function) for chunk in value])
+    elif serializer == "pickle":
         import pickle
 
         header["kind"] = "pickle"
@@ -144,6 +149,8 @@ def decode(raw: bytes, *, function: str, allow_pickle: bool) -> Entry:
             value = _untag(json.loads(payload))
         elif kind == "pydantic":
             value = _rebuild(header["class"], json.loads(payload))
+        elif kind == "stream":
+            value = [_unchunk(item) for item in json.loads(payload)]
         elif kind == "pickle":
             if not allow_pickle:
                 raise EntryError(
@@ -161,11 +168,34 @@ def decode(raw: bytes, *, function: str, allow_pickle: bool) -> Entry:
             None if cost is None else Decimal(cost),
             header["created"],
             header["expires"],
+            kind == "stream",
         )
     except EntryError:
         raise
     except Exception as exc:
         raise EntryError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _chunk(chunk: Any, function: str) -> Any:
+    """One stream chunk as JSON: pydantic chunks with their class, plain data tagged."""
+    if _is_pydantic(chunk):
+        return {
+            "class": f"{type(chunk).__module__}:{type(chunk).__qualname__}",
+            "data": chunk.model_dump(mode="json", by_alias=True),
+        }
+    try:
+        return {"data": _tag(chunk)}
+    except TypeError:
+        raise TypeError(
+            f"@cached cannot store a stream chunk of type {type(chunk).__qualname__} "
+            f"from {function}: chunks must be plain data or pydantic models"
+        ) from None
+
+
+def _unchunk(item: Any) -> Any:
+    if "class" in item:
+        return _rebuild(item["class"], item["data"])
+    return _untag(item["data"])
 
 
 def _rebuild(path: str, data: Any) -> Any:

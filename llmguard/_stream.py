@@ -35,9 +35,11 @@ def _get(obj: Any, name: str) -> Any:
 class StreamTally:
     """What the chunks of one stream add up to: text, model, usage."""
 
-    __slots__ = ("_input", "_output", "_usage", "chunks", "model", "parts")
+    __slots__ = ("_input", "_output", "_usage", "chunks", "complete", "kept", "model", "parts")
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
+        self.kept: list[Any] | None = [] if keep else None  # the chunks themselves, if asked
+        self.complete = False  # ran to its end (not closed early, not failed)
         self.parts: list[str] = []
         self.model: str | None = None
         self._usage: Usage | None = None
@@ -63,6 +65,8 @@ class StreamTally:
 
     def add(self, chunk: Any) -> None:
         self.chunks += 1
+        if self.kept is not None:
+            self.kept.append(chunk)
         if isinstance(chunk, str):  # a generator of text pieces
             self.parts.append(chunk)
             return
@@ -97,10 +101,10 @@ class StreamTally:
 
 
 class _Base:
-    def __init__(self, inner: Any, on_end: OnEnd) -> None:
+    def __init__(self, inner: Any, on_end: OnEnd, keep: bool = False) -> None:
         self._inner = inner
         self._on_end: OnEnd | None = on_end
-        self.tally = StreamTally()
+        self.tally = StreamTally(keep)
 
     def _end(self, error: BaseException | None) -> None:
         on_end, self._on_end = self._on_end, None
@@ -121,6 +125,7 @@ class MeteredStream(_Base):
         try:
             chunk = next(self._inner)
         except StopIteration:
+            self.tally.complete = True
             self._end(None)
             raise
         except BaseException as exc:
@@ -155,6 +160,7 @@ class AsyncMeteredStream(_Base):
         try:
             chunk = await self._inner.__anext__()
         except StopAsyncIteration:
+            self.tally.complete = True
             self._end(None)
             raise
         except BaseException as exc:
@@ -183,8 +189,21 @@ class AsyncMeteredStream(_Base):
         await self.aclose()
 
 
-def wrap(stream: Any, on_end: OnEnd) -> Any:
-    """``stream`` metered: ``on_end(tally, error)`` runs once, when it ends."""
+def wrap(stream: Any, on_end: OnEnd, *, keep: bool = False) -> Any:
+    """``stream`` metered: ``on_end(tally, error)`` runs once, when it ends; ``keep`` also
+    keeps the chunks in ``tally.kept``."""
     if hasattr(type(stream), "__anext__"):
-        return AsyncMeteredStream(stream, on_end)
-    return MeteredStream(stream, on_end)
+        return AsyncMeteredStream(stream, on_end, keep)
+    return MeteredStream(stream, on_end, keep)
+
+
+def replay(chunks: list[Any], *, asynchronous: bool) -> Any:
+    """A fresh stream of ``chunks`` (an async one for async functions)."""
+    if not asynchronous:
+        return iter(list(chunks))
+
+    async def chunks_again() -> Any:
+        for chunk in chunks:
+            yield chunk
+
+    return chunks_again()

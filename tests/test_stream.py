@@ -175,8 +175,53 @@ def test_instrument_meters_streams_consumed_inside(
     assert event["output_tokens"] == llmguard.count_tokens(REPLY, "gpt-4o")
 
 
-def test_cached_passes_streams_through_uncached_for_now(
-    fake_llm: FakeLLMServer, events: CapturedEvents, tmp_path: Any
+def test_cached_streams_replay_the_same_chunk_types(
+    flavour: str, fake_llm: FakeLLMServer, events: CapturedEvents, tmp_path: Any
+) -> None:
+    options: dict[str, Any] = {
+        "model": "gpt-4o",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    cache = llmguard.cached(storage=f"file://{tmp_path}/c")
+    if flavour == "sync":
+        client = fake_llm.openai_client()
+
+        @cache
+        def ask(question: str) -> Any:
+            return client.chat.completions.create(
+                messages=[{"role": "user", "content": question}], **options
+            )
+
+        first, second = list(ask("q")), list(ask("q"))
+    else:
+        aclient = fake_llm.openai_client(async_client=True)
+
+        @cache
+        async def aask(question: str) -> Any:
+            return await aclient.chat.completions.create(
+                messages=[{"role": "user", "content": question}], **options
+            )
+
+        async def main() -> tuple[list[Any], list[Any]]:
+            one = [chunk async for chunk in await aask("q")]
+            two = [chunk async for chunk in await aask("q")]
+            return one, two
+
+        first, second = asyncio.run(main())
+    assert len(fake_llm.requests) == 1
+    assert [type(c) for c in second] == [type(c) for c in first]
+    assert [c.model_dump() for c in second] == [c.model_dump() for c in first]
+    text = "".join(c.choices[0].delta.content or "" for c in second if c.choices)
+    assert text == "Fake reply about: q"
+    miss, hit = events.calls
+    assert (miss["cache"], hit["cache"], hit["cost_usd"]) == ("miss", "hit", 0.0)
+    assert hit["saved_usd"] == miss["cost_usd"] > 0
+    assert hit["stream_chunks"] == len(first)
+
+
+def test_a_stream_abandoned_half_way_is_never_cached(
+    fake_llm: FakeLLMServer, tmp_path: Any
 ) -> None:
     client = fake_llm.openai_client()
 
@@ -186,12 +231,43 @@ def test_cached_passes_streams_through_uncached_for_now(
             model="gpt-4o", messages=[{"role": "user", "content": question}], stream=True
         )
 
-    first = "".join(c.choices[0].delta.content or "" for c in ask("q") if c.choices)
-    second = "".join(c.choices[0].delta.content or "" for c in ask("q") if c.choices)
-    assert first == second == "Fake reply about: q"
+    stream = ask("q")
+    next(stream)
+    stream.close()
+    assert ask.cache_info().entries == 0
+    list(ask("q"))
+    assert ask.cache_info().entries == 1
     assert len(fake_llm.requests) == 2
-    assert len(events.of("cache_stream_not_cached")) == 1
-    assert [e["cache"] for e in events.calls] == ["miss", "miss"]
+
+
+def test_concurrent_identical_streams_make_one_upstream_call(tmp_path: Any) -> None:
+    import threading
+
+    with FakeLLMServer(chunk_delay=0.01) as fake:
+        client = fake.openai_client()
+
+        @llmguard.cached(storage=f"file://{tmp_path}/c")
+        def ask(question: str) -> Any:
+            return client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": question}], stream=True
+            )
+
+        texts: list[str] = []
+        gate = threading.Barrier(16)
+
+        def worker() -> None:
+            gate.wait()
+            texts.append(
+                "".join(c.choices[0].delta.content or "" for c in ask("same") if c.choices)
+            )
+
+        threads = [threading.Thread(target=worker) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(fake.requests) == 1
+    assert texts == ["Fake reply about: same"] * 16
 
 
 def test_budget_holds_the_reservation_until_the_stream_ends(
