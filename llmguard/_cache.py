@@ -38,7 +38,7 @@ from ._pipeline import (
     full_name,
     guard,
 )
-from ._serialize import Entry, EntryError, decode, encode
+from ._serialize import Entry, EntryError, decode, encode, unchunk
 from ._storage import Storage, open_storage, validate_uri
 from ._stream import StreamTally, is_stream, replay
 from ._stream import wrap as wrap_stream
@@ -303,7 +303,9 @@ class _CacheLayer:
     @staticmethod
     def _value(entry: Entry, call: CallRecord) -> Any:
         """An entry's value for this call: a stored stream is replayed afresh."""
-        return replay(entry.value, asynchronous=call.spec.is_async) if entry.stream else entry.value
+        if not entry.stream:
+            return entry.value
+        return replay(entry.value, unchunk, asynchronous=call.spec.is_async)
 
     def _binds(self, call: CallRecord) -> bool:
         try:

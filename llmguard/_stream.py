@@ -197,13 +197,14 @@ def wrap(stream: Any, on_end: OnEnd, *, keep: bool = False) -> Any:
     return MeteredStream(stream, on_end, keep)
 
 
-def replay(chunks: list[Any], *, asynchronous: bool) -> Any:
-    """A fresh stream of ``chunks`` (an async one for async functions)."""
+def replay(items: list[Any], build: Callable[[Any], Any], *, asynchronous: bool) -> Any:
+    """A fresh stream of ``build(item)`` for each stored item (an async one for async
+    functions); each chunk is built as it is yielded, so none piles up in memory."""
     if not asynchronous:
-        return iter(list(chunks))
+        return (build(item) for item in items)
 
     async def chunks_again() -> Any:
-        for chunk in chunks:
-            yield chunk
+        for item in items:
+            yield build(item)
 
     return chunks_again()
