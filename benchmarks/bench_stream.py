@@ -90,9 +90,7 @@ def main() -> None:
                 pass
             replayed.append((time.perf_counter() - started) / len(replay_chunks) * 1e6)
     r = statistics.median(replayed)
-    print(
     print(f"cached replay             {r:.3f} us per chunk  (overhead {r - b:.3f} us)")
-    )
 
     from llmguard.testing import FakeLLMServer
 
