@@ -40,7 +40,7 @@ from ._pipeline import (
 )
 from ._serialize import Entry, EntryError, decode, encode, unchunk
 from ._storage import Storage, open_storage, validate_uri
-from ._stream import StreamTally, is_stream, replay
+from ._stream import StreamTally, is_stream, is_stream_manager, replay
 from ._stream import wrap as wrap_stream
 
 P = ParamSpec("P")
@@ -410,6 +410,8 @@ class _CacheLayer:
             with self._lock:
                 self._misses += 1
             call.fields["cache"] = "miss"
+            if is_stream_manager(result):  # a context manager, not chunks: not replayable
+                return result
             if is_stream(result) and storage is not None:
                 flight.deferred = True  # lock and flight stay open until the stream ends
                 return self._store_when_done(

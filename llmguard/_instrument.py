@@ -27,6 +27,7 @@ _TARGETS = (
     (("responses",), "create"),
     (("responses",), "parse"),
     (("messages",), "create"),
+    (("messages",), "stream"),
     (("beta", "messages"), "create"),
 )
 _MARK = "__llmguard_instrumented__"

@@ -20,10 +20,21 @@ _NOT_STREAMS = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
 OnEnd = Callable[["StreamTally", BaseException | None], None]
 
 
+def is_stream_manager(value: Any) -> bool:
+    """Anthropic's ``messages.stream(...)`` helper: a context manager around a stream."""
+    kind = type(value)
+    return kind.__name__ in ("MessageStreamManager", "AsyncMessageStreamManager") and (
+        kind.__module__.startswith("anthropic")
+    )
+
+
 def is_stream(value: Any) -> bool:
-    """An iterator or async iterator of chunks (not a string, container or file-like answer)."""
+    """An iterator or async iterator of chunks (not a string, container or file-like answer),
+    or Anthropic's stream manager."""
     if value is None or isinstance(value, _NOT_STREAMS):
         return False
+    if is_stream_manager(value):
+        return True
     kind = type(value)
     return (hasattr(kind, "__next__") and hasattr(kind, "__iter__")) or hasattr(kind, "__anext__")
 
@@ -62,6 +73,19 @@ class StreamTally:
             total = self._input.get("input_tokens", 0) + read + write
             return Usage(total, self._output or 0, read, write, self.model)
         return None
+
+    def add_message(self, message: Any) -> None:
+        """Take in a whole (possibly partial) Anthropic message: its text and usage."""
+        if message is None:
+            return
+        self.model = _get(message, "model") or self.model
+        for block in _get(message, "content") or ():
+            text = _get(block, "text")
+            if isinstance(text, str):
+                self.parts.append(text)
+        usage = _get(message, "usage")
+        if usage is not None:
+            self._usage = usage_from_usage_object(usage, self.model)
 
     def add(self, chunk: Any) -> None:
         self.chunks += 1
@@ -189,9 +213,54 @@ class AsyncMeteredStream(_Base):
         await self.aclose()
 
 
+class _ManagedStream:
+    """Anthropic's ``messages.stream(...)`` manager, metered when its block exits: however
+    the stream was read (``text_stream``, events, ``until_done()``), the SDK's own message
+    snapshot holds the text and usage consumed."""
+
+    def __init__(self, manager: Any, on_end: OnEnd) -> None:
+        self._manager = manager
+        self._on_end: OnEnd | None = on_end
+        self._stream: Any = None
+
+    def _end(self, error: BaseException | None) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is None:
+            return
+        tally = StreamTally()
+        tally.add_message(getattr(self._stream, "_current_snapshot_or_none", lambda: None)())
+        tally.complete = error is None
+        on_end(tally, error)
+
+    def __enter__(self) -> Any:
+        self._stream = self._manager.__enter__()
+        return self._stream
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> Any:
+        try:
+            return self._manager.__exit__(kind, error, tb)
+        finally:
+            self._end(error)
+
+    async def __aenter__(self) -> Any:
+        self._stream = await self._manager.__aenter__()
+        return self._stream
+
+    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> Any:
+        try:
+            return await self._manager.__aexit__(kind, error, tb)
+        finally:
+            self._end(error)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)
+
+
 def wrap(stream: Any, on_end: OnEnd, *, keep: bool = False) -> Any:
     """``stream`` metered: ``on_end(tally, error)`` runs once, when it ends; ``keep`` also
     keeps the chunks in ``tally.kept``."""
+    if is_stream_manager(stream):
+        return _ManagedStream(stream, on_end)
     if hasattr(type(stream), "__anext__"):
         return AsyncMeteredStream(stream, on_end, keep)
     return MeteredStream(stream, on_end, keep)

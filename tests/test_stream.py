@@ -313,3 +313,80 @@ def test_budget_holds_the_reservation_until_the_stream_ends(
     assert done.spent_usd == Decimal(str(event["cost_usd"])) > 0  # settled at the real cost
     assert event["budget_spent_usd"] == event["cost_usd"]
     assert chunks[-1].usage is not None
+
+
+def test_anthropic_async_raw_event_streams(fake_llm: FakeLLMServer, events: CapturedEvents) -> None:
+    aclient = fake_llm.anthropic_client(async_client=True)
+
+    @llmguard.track
+    async def ask() -> Any:
+        return await aclient.messages.create(
+            model="claude-3-5-haiku-latest",
+            max_tokens=50,
+            messages=[{"role": "user", "content": "stream this"}],
+            stream=True,
+        )
+
+    async def main() -> str:
+        return "".join([e.delta.text async for e in await ask() if e.type == "content_block_delta"])
+
+    assert asyncio.run(main()) == "Fake reply about: stream this"
+    [event] = events.calls
+    assert (event["cost_source"], event["model"]) == ("usage", "claude-3-5-haiku-latest")
+    assert event["input_tokens"] > 0
+
+
+def test_anthropic_stream_helper_is_metered_when_its_block_exits(
+    flavour: str, fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
+    request: dict[str, Any] = {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "stream this"}],
+    }
+    if flavour == "sync":
+        client = fake_llm.anthropic_client()
+
+        @llmguard.track
+        def ask() -> Any:
+            return client.messages.stream(**request)
+
+        with ask() as stream:
+            assert events.calls == []
+            text = "".join(stream.text_stream)
+    else:
+        aclient = fake_llm.anthropic_client(async_client=True)
+
+        @llmguard.track
+        def aask() -> Any:
+            return aclient.messages.stream(**request)
+
+        async def main() -> str:
+            async with aask() as stream:
+                return "".join([piece async for piece in stream.text_stream])
+
+        text = asyncio.run(main())
+    assert text == "Fake reply about: stream this"
+    [event] = events.calls
+    assert (event["cost_source"], event["model"]) == ("usage", "claude-3-5-haiku-latest")
+    assert event["output_tokens"] == llmguard.count_tokens(text, "claude-3-5-haiku-latest")
+
+
+def test_instrumented_anthropic_stream_helper_inside_a_function(
+    fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
+    client = llmguard.instrument(fake_llm.anthropic_client())
+
+    @llmguard.track
+    def ask() -> str:
+        with client.messages.stream(
+            model="claude-3-5-haiku-latest",
+            max_tokens=50,
+            messages=[{"role": "user", "content": "stream this"}],
+        ) as stream:
+            return "".join(stream.text_stream)
+
+    assert ask() == "Fake reply about: stream this"
+    [event] = events.calls
+    assert event["cost_source"] == "usage"
+    assert event["input_tokens"] > 0
