@@ -557,7 +557,11 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
                 raise
             _current.reset(token)
             if is_stream(result):  # metered when the caller has consumed it
-                return wrap_stream(result, functools.partial(_finish_stream, call))
+                return wrap_stream(
+                    result,
+                    functools.partial(_finish_stream, call),
+                    count_only=call.metering is not None,  # served: its cost is known
+                )
             _finish(call, result, None)
             return result
 
@@ -574,7 +578,11 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
             raise
         _current.reset(token)
         if is_stream(result):  # metered when the caller has consumed it
-            return wrap_stream(result, functools.partial(_finish_stream, call))
+            return wrap_stream(
+                result,
+                functools.partial(_finish_stream, call),
+                count_only=call.metering is not None,  # served: its cost is known
+            )
         _finish(call, result, None)
         return result
 

@@ -46,9 +46,20 @@ def _get(obj: Any, name: str) -> Any:
 class StreamTally:
     """What the chunks of one stream add up to: text, model, usage."""
 
-    __slots__ = ("_input", "_output", "_usage", "chunks", "complete", "kept", "model", "parts")
+    __slots__ = (
+        "_input",
+        "_output",
+        "_usage",
+        "chunks",
+        "complete",
+        "count_only",
+        "kept",
+        "model",
+        "parts",
+    )
 
-    def __init__(self, keep: bool = False) -> None:
+    def __init__(self, keep: bool = False, count_only: bool = False) -> None:
+        self.count_only = count_only  # a replay whose cost is known: just count
         self.kept: list[Any] | None = [] if keep else None  # the chunks themselves, if asked
         self.complete = False  # ran to its end (not closed early, not failed)
         self.parts: list[str] = []
@@ -89,6 +100,8 @@ class StreamTally:
 
     def add(self, chunk: Any) -> None:
         self.chunks += 1
+        if self.count_only:
+            return
         if self.kept is not None:
             self.kept.append(chunk)
         if isinstance(chunk, str):  # a generator of text pieces
@@ -125,10 +138,12 @@ class StreamTally:
 
 
 class _Base:
-    def __init__(self, inner: Any, on_end: OnEnd, keep: bool = False) -> None:
+    def __init__(
+        self, inner: Any, on_end: OnEnd, keep: bool = False, count_only: bool = False
+    ) -> None:
         self._inner = inner
         self._on_end: OnEnd | None = on_end
-        self.tally = StreamTally(keep)
+        self.tally = StreamTally(keep, count_only)
 
     def _end(self, error: BaseException | None) -> None:
         on_end, self._on_end = self._on_end, None
@@ -256,14 +271,14 @@ class _ManagedStream:
         return getattr(self._manager, name)
 
 
-def wrap(stream: Any, on_end: OnEnd, *, keep: bool = False) -> Any:
+def wrap(stream: Any, on_end: OnEnd, *, keep: bool = False, count_only: bool = False) -> Any:
     """``stream`` metered: ``on_end(tally, error)`` runs once, when it ends; ``keep`` also
-    keeps the chunks in ``tally.kept``."""
+    keeps the chunks in ``tally.kept``; ``count_only`` only counts them (a cache replay)."""
     if is_stream_manager(stream):
         return _ManagedStream(stream, on_end)
     if hasattr(type(stream), "__anext__"):
-        return AsyncMeteredStream(stream, on_end, keep)
-    return MeteredStream(stream, on_end, keep)
+        return AsyncMeteredStream(stream, on_end, keep, count_only)
+    return MeteredStream(stream, on_end, keep, count_only)
 
 
 def replay(items: list[Any], build: Callable[[Any], Any], *, asynchronous: bool) -> Any:
