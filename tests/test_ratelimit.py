@@ -73,10 +73,9 @@ def test_blocks_until_the_window_allows(flavour: str, backend: str, events: Capt
     assert max_in_window(f.starts, 1.0) <= 4
     assert f.starts[4] - f.starts[0] >= 0.99
     assert len(waits) <= 4  # computed from the window's reset time, not polled
-    assert [e["rate_wait_s"] > 0 for e in events.calls] == [False] * 4 + [True] + [
-        False
-    ] * 2 or all(e["rate_wait_s"] >= 0 for e in events.calls)
-    assert sum(e["rate_wait_s"] for e in events.calls) >= 0.9
+    waited = [e["rate_wait_s"] for e in events.calls]
+    assert waited[:4] == [0.0] * 4  # the first four fit the window
+    assert waited[4] > 0  # the fifth waited for the first to leave it (see starts above)
 
 
 def test_block_false_raises_at_once_with_retry_after(flavour: str, backend: str) -> None:
