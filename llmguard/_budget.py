@@ -32,7 +32,16 @@ from ._errors import (
 )
 from ._events import emit
 from ._ledger import PICO, Ledger, ledger_for
-from ._pipeline import PROCEED, Blocking, CallRecord, PromptFn, check_options, guard
+from ._pipeline import (
+    PROCEED,
+    Blocking,
+    CallRecord,
+    PromptFn,
+    check_options,
+    full_name,
+    guard,
+    original,
+)
 from ._prices import get_price
 from ._storage import open_storage, validate_uri
 from ._stream import StreamTally, is_stream
@@ -484,11 +493,7 @@ def budget(
 
 
 def _full(func: Any) -> str:
-    from ._pipeline import full_name
-
-    target = getattr(func, "__func__", func)
-    inner = getattr(target, "__llmguard__", None)
-    return full_name(inner.fn if inner is not None and inner.wrapper is target else target)
+    return full_name(original(getattr(func, "__func__", func)))  # classmethods too
 
 
 def _layer(name: str) -> _BudgetLayer:

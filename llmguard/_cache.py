@@ -32,11 +32,13 @@ from ._pipeline import (
     Blocking,
     Call,
     CallRecord,
+    Metering,
     PromptFn,
     Sleep,
     check_options,
     full_name,
     guard,
+    original,
 )
 from ._serialize import Entry, EntryError, decode, encode, unchunk
 from ._storage import Storage, open_storage, validate_uri
@@ -116,6 +118,10 @@ class CachedFunction(Protocol[P, R]):
     def cache_clear(self) -> None: ...
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+
+def _model_and_cost(metering: Metering) -> tuple[str | None, Decimal | None]:
+    return metering.model, metering.cost
 
 
 class _CacheLayer:
@@ -222,9 +228,7 @@ class _CacheLayer:
         stream: tuple[str | None, Decimal | None] | None = None,
     ) -> None:
         """Store ``value`` (for a stream: its chunks, with the stream's (model, cost))."""
-        model, cost = (
-            stream if stream is not None else (call.meter(value).model, call.meter(value).cost)
-        )
+        model, cost = stream if stream is not None else _model_and_cost(call.meter(value))
         now = self.clock()
         data = encode(
             value,
@@ -579,8 +583,7 @@ def cached(
     def decorate(func: Any) -> Any:
         if isinstance(func, (classmethod, staticmethod)):
             return type(func)(decorate(func.__func__))
-        inner = getattr(func, "__llmguard__", None)
-        target = inner.fn if inner is not None and inner.wrapper is func else func
+        target = original(func)
         if not callable(target) or isinstance(target, str):
             return guard(func, decorator="cached")  # raises the usual ConfigurationError
         layer = _CacheLayer(

@@ -163,6 +163,12 @@ async def _drive_async(layers: tuple[Layer, ...], index: int, call: CallRecord) 
 PromptFn = Callable[..., Any]
 
 
+def original(fn: Any) -> Any:
+    """The function an llmguard wrapper wraps (``fn`` itself if it is not one)."""
+    inner = getattr(fn, "__llmguard__", None)
+    return inner.fn if inner is not None and inner.wrapper is fn else fn
+
+
 def full_name(fn: Any) -> str:
     """``module.qualname`` of a function: its name in events, cache keys and budgets."""
     return f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', repr(fn))}"
@@ -228,6 +234,7 @@ class CallRecord:
         "children_cost",
         "fields",
         "kwargs",
+        "last_metering",
         "metering",
         "parent",
         "reported_ids",
@@ -252,6 +259,7 @@ class CallRecord:
         self.usages: list[tuple[Usage, Decimal | None]] = []
         self.reported_ids: list[int] = []
         self.metering: Metering | None = None
+        self.last_metering: tuple[Any, BaseException | None, int, Metering] | None = None
         self.children = 0
         self.children_cost = _ZERO
         self.started = time.perf_counter()
@@ -371,11 +379,22 @@ class CallRecord:
 
     def meter(self, result: Any = None, error: BaseException | None = None) -> Metering:
         """What this call has used and cost so far, with ``result`` / ``error`` as its
-        outcome. Computed afresh each time (layers may run the inner call again: retries,
-        fallbacks), unless :meth:`serve_cached` fixed it."""
+        outcome, unless :meth:`serve_cached` fixed it. Asked again about the same outcome
+        (the same result object and error, no usage reported since), it answers from the last
+        time instead of estimating again; a re-run by a retry or fallback is a new outcome."""
         if self.metering is not None:
             return self.metering
-        return _settle(self, result, error)
+        last = self.last_metering
+        if (
+            last is not None
+            and last[0] is result
+            and last[1] is error
+            and last[2] == len(self.usages)
+        ):
+            return last[3]
+        metering = _settle(self, result, error)  # may take in the result's own usage
+        self.last_metering = (result, error, len(self.usages), metering)
+        return metering
 
     def serve_cached(
         self, model: str | None, saved_usd: Decimal | None, source: str = "cache"
