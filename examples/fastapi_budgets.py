@@ -43,7 +43,7 @@ async def ask(user: str, question: str) -> dict[str, str]:
     except llmguard.BudgetExceeded as exc:
         raise HTTPException(
             status_code=429,
-            detail=f"daily budget used: ${exc.spent_usd} of ${exc.limit_usd}; "
+            detail=f"daily budget used: ${exc.spent_usd:f} of ${exc.limit_usd:f}; "
             f"resets {exc.resets_at}",
         ) from None
 

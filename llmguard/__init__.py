@@ -33,6 +33,7 @@ from ._tokens import TokenCount, count_message_tokens, count_tokens
 from ._track import track
 from ._usage import Usage
 from ._version import __version__
+from ._warm import warm_up
 
 __all__ = [
     "BudgetExceeded",
@@ -76,4 +77,5 @@ __all__ = [
     "route_model",
     "set_price",
     "track",
+    "warm_up",
 ]

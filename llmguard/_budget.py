@@ -31,7 +31,8 @@ from ._errors import (
     StorageError,
 )
 from ._events import emit
-from ._ledger import PICO, Ledger, ledger_for
+from ._ledger import PICO, Ledger, ledger_for, usd_of
+from ._money import format_usd
 from ._pipeline import (
     PROCEED,
     Blocking,
@@ -68,9 +69,16 @@ class BudgetStatus:
     window_start: datetime | None
     resets_at: datetime | None
 
-
-def _usd(pico: int) -> Decimal:
-    return (Decimal(pico) / PICO).normalize()
+    def __repr__(self) -> str:
+        money = ", ".join(
+            f"{field}={format_usd(getattr(self, field))}"
+            for field in ("limit_usd", "spent_usd", "reserved_usd", "remaining_usd")
+        )
+        times = ", ".join(
+            f"{field}={'None' if at is None else at.isoformat()}"
+            for field, at in (("window_start", self.window_start), ("resets_at", self.resets_at))
+        )
+        return f"BudgetStatus(name={self.name!r}, key={self.key!r}, {money}, {times})"
 
 
 def _pico(usd: Decimal) -> int:
@@ -185,9 +193,9 @@ class _BudgetLayer:
             name=name,
             key=key,
             limit_usd=self.limit,
-            spent_usd=_usd(spent),
-            reserved_usd=_usd(reserved),
-            remaining_usd=max(_usd(self.limit_pico - spent - reserved), Decimal(0)),
+            spent_usd=usd_of(spent),
+            reserved_usd=usd_of(reserved),
+            remaining_usd=max(usd_of(self.limit_pico - spent - reserved), Decimal(0)),
             window_start=start,
             resets_at=end,
         )
@@ -220,9 +228,9 @@ class _BudgetLayer:
             estimate = Decimal(0)
         if self.max_call is not None and estimate > self.max_call:
             raise CallTooExpensive(
-                f"{call.spec.name}: this call could cost up to ${estimate} on {model}, above "
-                f"budget {name!r}'s max_call_usd ${self.max_call}: shorten the prompt or lower "
-                "max_tokens",
+                f"{call.spec.name}: this call could cost up to {format_usd(estimate)} on {model}, "
+                f"above budget {name!r}'s max_call_usd {format_usd(self.max_call)}: shorten the "
+                "prompt or lower max_tokens",
                 budget=name,
                 key=key,
                 limit_usd=self.limit,
@@ -263,8 +271,9 @@ class _BudgetLayer:
             if self.on_exceed == "raise":
                 raise BudgetExceeded(
                     f"budget {name!r}{'' if key is None else f' (key {key!r})'} would be exceeded: "
-                    f"limit ${self.limit}, spent ${status.spent_usd}, reserved "
-                    f"${status.reserved_usd}, this call up to ${estimate}; resets "
+                    f"limit {format_usd(self.limit)}, spent {format_usd(status.spent_usd)}, "
+                    f"reserved {format_usd(status.reserved_usd)}, this call up to "
+                    f"{format_usd(estimate)}; resets "
                     f"{'never (per=total)' if end is None else end.isoformat()}",
                     budget=name,
                     key=key,

@@ -27,6 +27,7 @@ from ._errors import ConfigurationError, StorageError
 from ._events import warn_once
 from ._flight import Flight, _running_loop
 from ._keys import Binder, canonical, code_digest
+from ._money import format_usd
 from ._pipeline import (
     PROCEED,
     Blocking,
@@ -104,6 +105,12 @@ class CacheInfo(NamedTuple):
     stale_hits: int
     saved_usd: Decimal
     entries: int
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheInfo(hits={self.hits}, misses={self.misses}, stale_hits={self.stale_hits}, "
+            f"saved_usd={format_usd(self.saved_usd)}, entries={self.entries})"
+        )
 
 
 class CachedFunction(Protocol[P, R]):

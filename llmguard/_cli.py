@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from ._money import decimal_text, format_usd
 from ._prices import PerMTok, Tiered, get_price
 from ._report import DIMENSIONS
 from ._storage import open_storage
@@ -26,9 +27,9 @@ def _price_text(value: PerMTok | None) -> str:
     if value is None:
         return "-"
     if isinstance(value, Tiered):
-        tiers = ", ".join(f">{start:,}: {price}" for start, price in value.tiers)
-        return f"{value.base} ({tiers})"
-    return str(value)
+        tiers = ", ".join(f">{start:,}: {format_usd(price)}" for start, price in value.tiers)
+        return f"{format_usd(value.base)} ({tiers})"
+    return format_usd(value)
 
 
 def _price_json(value: PerMTok | None) -> Any:
@@ -36,10 +37,10 @@ def _price_json(value: PerMTok | None) -> Any:
         return None
     if isinstance(value, Tiered):
         return {
-            "base": str(value.base),
-            "tiers": [{"above": s, "price": str(p)} for s, p in value.tiers],
+            "base": decimal_text(value.base),
+            "tiers": [{"above": s, "price": decimal_text(p)} for s, p in value.tiers],
         }
-    return str(value)
+    return decimal_text(value)
 
 
 def _cmd_prices(args: argparse.Namespace) -> int:
@@ -132,11 +133,11 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
                 "input_tokens": int(tokens),
                 "estimate": tokens.estimate,
                 "output_tokens": args.output_tokens,
-                "input_usd": None if input_cost is None else str(input_cost),
-                "output_usd": None if output_cost is None else str(output_cost),
+                "input_usd": None if input_cost is None else decimal_text(input_cost),
+                "output_usd": None if output_cost is None else decimal_text(output_cost),
                 "total_usd": None
                 if price is None
-                else str(price.cost(int(tokens), args.output_tokens)),
+                else decimal_text(price.cost(int(tokens), args.output_tokens)),
             }
         )
     rows.sort(key=lambda r: (r["total_usd"] is None, Decimal(r["total_usd"] or 0)))
@@ -148,9 +149,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         (
             r["model"],
             f"{r['input_tokens']}{'~' if r['estimate'] else ''}",
-            "?" if r["input_usd"] is None else f"${r['input_usd']}",
-            "?" if r["output_usd"] is None else f"${r['output_usd']}",
-            "price unknown" if r["total_usd"] is None else f"${r['total_usd']}",
+            "?" if r["input_usd"] is None else format_usd(r["input_usd"]),
+            "?" if r["output_usd"] is None else format_usd(r["output_usd"]),
+            "price unknown" if r["total_usd"] is None else format_usd(r["total_usd"]),
         )
         for r in rows
     ]
@@ -235,8 +236,7 @@ def _budget_ledgers(storage: Any, name: str | None) -> list[tuple[str, str, str,
 
 
 def _cmd_budget_status(args: argparse.Namespace) -> int:
-    from ._budget import _usd
-    from ._ledger import ledger_for
+    from ._ledger import ledger_for, usd_of
 
     storage = open_storage(args.storage)
     ledger = ledger_for(storage)
@@ -251,12 +251,12 @@ def _cmd_budget_status(args: argparse.Namespace) -> int:
                 "budget": budget_name,
                 "key": None if key == "-" else key,
                 "window": window,
-                "limit_usd": None if limit is None else str(_usd(limit)),
-                "spent_usd": str(_usd(spent)),
-                "reserved_usd": str(_usd(reserved)),
+                "limit_usd": None if limit is None else decimal_text(usd_of(limit)),
+                "spent_usd": decimal_text(usd_of(spent)),
+                "reserved_usd": decimal_text(usd_of(reserved)),
                 "remaining_usd": None
                 if limit is None
-                else str(max(_usd(limit - spent - reserved), Decimal(0))),
+                else decimal_text(max(usd_of(limit - spent - reserved), Decimal(0))),
             }
         )
     if args.format == "json":
@@ -268,7 +268,11 @@ def _cmd_budget_status(args: argparse.Namespace) -> int:
             [header]
             + [
                 tuple(
-                    "-" if r[f] is None else str(r[f])
+                    "-"
+                    if r[f] is None
+                    else format_usd(r[f])
+                    if f.endswith("_usd")
+                    else str(r[f])
                     for f in (
                         "budget",
                         "key",

@@ -78,7 +78,7 @@ def run(out_dir: Path, *, fast: bool = False, stream: TextIO | None = None) -> t
         info = answer.cache_info()
         say(
             f"   {info.misses} provider calls, {info.hits} answers from the cache, "
-            f"saving ${info.saved_usd}.\n"
+            f"saving {format_usd(info.saved_usd)}.\n"
         )
 
         say("2. Routing: short prompts go to gpt-4o-mini, a long report to gpt-4o.")

@@ -1,17 +1,22 @@
 """Where llmguard's events go: the structlog logger ``"llmguard"``, plus test sinks.
 
 The library never calls ``structlog.configure``; the application's configuration decides
-how events are rendered and where they go. ``configure_logging()`` is an opt-in helper for
-applications that have no logging set up at all.
+how events are rendered and where they go. Until the application configures structlog,
+events are console lines on **stderr** (structlog's own default would print them to stdout,
+into the program's output). ``configure_logging()`` is an opt-in helper for applications
+that have no logging set up at all.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import IO, Any, ClassVar, Protocol
+
+from ._money import format_usd
 
 Sink = Callable[[str, dict[str, Any]], None]
 
@@ -27,21 +32,94 @@ class Writable(Protocol):
 _sinks: tuple[Sink, ...] = ()
 _sinks_lock = threading.Lock()
 _logger: Any = None
+# True while _logger is llmguard's own stderr logger, i.e. structlog was not configured when
+# it was chosen: only then does an event ask structlog whether that has changed since.
+_fallback = False
+_is_configured: Callable[[], bool] = bool  # structlog.is_configured once structlog is imported
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
 
-def get_logger() -> Any:
-    """The ``"llmguard"`` structlog logger, created (and structlog imported) on first use."""
-    global _logger
-    if _logger is None:
-        import structlog
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (applications and tests swap it)."""
 
+    def write(self, text: str) -> None:
+        stream = sys.stderr
+        if stream is not None:
+            stream.write(text)
+
+    def flush(self) -> None:
+        stream = sys.stderr
+        if stream is not None:
+            stream.flush()
+
+
+def money_as_text(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """A structlog processor for console lines: USD fields (``*_usd``) as money, ``$0.0000125``
+    rather than ``1.25e-05``. (JSON keeps them numbers.)"""
+    for key, value in event_dict.items():
+        if key.endswith("_usd") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            event_dict[key] = format_usd(value)
+    return event_dict
+
+
+def _stderr_logger(structlog: Any) -> Any:
+    """structlog's default console logger, writing to stderr instead of stdout."""
+    stream = sys.stderr
+    colors = not os.environ.get("NO_COLOR") and (
+        bool(os.environ.get("FORCE_COLOR")) or bool(getattr(stream, "isatty", bool)())
+    )
+    try:
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+    except SystemError:  # colours on Windows without colorama
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    processors = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.StackInfoRenderer(),
+        structlog.dev.set_exc_info,
+        structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+        money_as_text,
+        renderer,
+    ]
+    return structlog.wrap_logger(
+        structlog.WriteLogger(_Stderr()),  # type: ignore[arg-type]
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(0),
+        context_class=dict,
+    ).bind()
+
+
+def _resolve_logger() -> Any:
+    global _logger, _fallback, _is_configured
+    import structlog
+
+    _is_configured = structlog.is_configured
+    if structlog.is_configured():
         proxy = structlog.get_logger("llmguard")
         # With cache_logger_on_first_use, structlog itself would keep the first bound logger
         # forever; holding it here skips the lazy proxy on every event.
-        _logger = proxy.bind() if structlog.get_config()["cache_logger_on_first_use"] else proxy
-    return _logger
+        logger = proxy.bind() if structlog.get_config()["cache_logger_on_first_use"] else proxy
+        _fallback = False
+    else:
+        logger = _stderr_logger(structlog)
+        _fallback = True
+    _logger = logger
+    return logger
+
+
+def get_logger() -> Any:
+    """The logger llmguard's events go to, chosen on first use (structlog imported then).
+
+    Once the application has configured structlog: ``structlog.get_logger("llmguard")``, so
+    its configuration decides everything. Until then: structlog's default console lines,
+    on stderr. The choice is kept; while it is the stderr logger, each event checks (one
+    attribute read in structlog) whether the application has configured structlog since.
+    """
+    logger = _logger
+    if logger is None or (_fallback and _is_configured()):
+        logger = _resolve_logger()
+    return logger
 
 
 def add_sink(sink: Sink) -> None:
@@ -129,10 +207,14 @@ def configure_logging(
 ) -> None:
     """Set up structlog for an application that has no logging configured.
 
-    Opt-in: a library must not configure logging, an application may. Events are written
-    one per line to ``file`` (a path, appended to, or an open text stream; default
-    stdout) as JSON (``json=True``) or as a human-readable console line, with an ISO
-    timestamp and the level, and events below ``level`` are dropped.
+    Opt-in: a library must not configure logging, an application may, and calling this is
+    that application's explicit choice. Events are written one per line to ``file`` (a
+    path, appended to, or an open text stream) as JSON (``json=True``) or as a
+    human-readable console line, with an ISO timestamp and the level, and events below
+    ``level`` are dropped. The default ``file`` is **stdout**, the container convention
+    (the platform collects a process's stdout as its log); pass ``file=sys.stderr`` to keep
+    stdout for the program's own output. Without this call, and with structlog left
+    unconfigured, events go to stderr.
 
     >>> import llmguard
     >>> llmguard.configure_logging(json=True, file="llmguard.jsonl")  # doctest: +SKIP
@@ -164,6 +246,7 @@ def configure_logging(
         processors += [
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            money_as_text,
             structlog.dev.ConsoleRenderer(colors=False),
         ]
     structlog.configure(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from decimal import Decimal
 
+from ._money import format_usd
 from ._report import Report
 
 _PALETTE = ("#2563eb", "#16a34a", "#f59e0b", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d")
@@ -35,8 +36,8 @@ def _bars(
         f'<svg viewBox="0 0 {_W} {_H}" width="{_W}" height="{_H}" role="img" aria-label="{_esc(title)}">',
         f'<line x1="{_LEFT}" y1="{_H - _PAD}" x2="{_W - _PAD}" y2="{_H - _PAD}" stroke="#555"/>',
         f'<line x1="{_LEFT}" y1="{_PAD}" x2="{_LEFT}" y2="{_H - _PAD}" stroke="#555"/>',
-        f'<text x="{_LEFT - 6}" y="{_PAD + 4}" text-anchor="end" font-size="11">${float(top):.4g}</text>',
-        f'<text x="{_LEFT - 6}" y="{_H - _PAD}" text-anchor="end" font-size="11">$0</text>',
+        f'<text x="{_LEFT - 6}" y="{_PAD + 4}" text-anchor="end" font-size="11">{format_usd(top)}</text>',
+        f'<text x="{_LEFT - 6}" y="{_H - _PAD}" text-anchor="end" font-size="11">{format_usd(0)}</text>',
     ]
     for i, day in enumerate(days):
         x0 = _LEFT + i * slot + slot * 0.15
@@ -49,7 +50,7 @@ def _bars(
             colour = _PALETTE[j % len(_PALETTE)]
             parts.append(
                 f'<rect class="bar" x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{height:.1f}" '
-                f'fill="{colour}"><title>{_esc(day)} {_esc(name)}: ${_esc(value)}</title></rect>'
+                f'fill="{colour}"><title>{_esc(day)} {_esc(name)}: {format_usd(value)}</title></rect>'
             )
             if stacked:
                 base += height
@@ -81,9 +82,9 @@ def render_html(report: Report) -> str:
     t = report.totals
     cards = [
         ("Calls", t.calls),
-        ("Spent", f"${t.cost_usd}"),
-        ("Saved by cache", f"${t.saved_cache_usd}"),
-        ("Saved by routing", f"${t.saved_routing_usd}"),
+        ("Spent", format_usd(t.cost_usd)),
+        ("Saved by cache", format_usd(t.saved_cache_usd)),
+        ("Saved by routing", format_usd(t.saved_routing_usd)),
         ("Cache hit rate", f"{report.cache_hit_rate:.1%}"),
         ("Retries", report.retries),
         ("Rate-limit waits", f"{report.rate_wait_s}s"),
@@ -91,8 +92,8 @@ def render_html(report: Report) -> str:
         ("Budget alerts", len(report.budget_alerts)),
     ]
     rows = "".join(
-        f"<tr><td>{_esc(name)}</td><td>{r.calls}</td><td>${_esc(r.cost_usd)}</td>"
-        f"<td>${_esc(r.saved_cache_usd)}</td><td>${_esc(r.saved_routing_usd)}</td>"
+        f"<tr><td>{_esc(name)}</td><td>{r.calls}</td><td>{format_usd(r.cost_usd)}</td>"
+        f"<td>{format_usd(r.saved_cache_usd)}</td><td>{format_usd(r.saved_routing_usd)}</td>"
         f"<td>{r.cache_hits}</td><td>{r.errors}</td></tr>"
         for name, r in sorted(report.groups.items(), key=lambda item: -item[1].cost_usd)
     )

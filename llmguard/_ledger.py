@@ -10,11 +10,18 @@ local storage); Redis runs the same logic as Lua scripts.
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 from ._storage import LocalStorage, MemoryStorage, RedisStorage, Storage, _wrapped
 
 PICO = 10**12  # pico-dollars per dollar
+
+
+def usd_of(pico: int) -> Decimal:
+    """Pico-dollars as exact USD, without trailing zeros nor an exponent (20, not 2E+1)."""
+    usd = (Decimal(pico) / PICO).normalize()
+    return usd.quantize(1) if usd.as_tuple().exponent > 0 else usd  # type: ignore[operator]
 
 
 class DocLedger:

@@ -173,6 +173,17 @@ def _lookup_genai_prices(model: str) -> ModelPrice | None:
     )
 
 
+def load_price_table() -> None:
+    """Load genai-prices' table now (~0.3 s: a server's start-up) rather than in the first
+    call that needs a price. A table that cannot be loaded warns once, as a lookup would."""
+    try:
+        import genai_prices  # noqa: F401 - importing it builds the table
+    except Exception as exc:
+        warn_once(
+            "*", "price_lookup_failed", model=None, error=f"{type(exc).__name__}: {exc}"[:300]
+        )
+
+
 def get_price(model: str) -> ModelPrice | None:
     """The price of ``model`` (override first, then genai-prices), or None if unknown.
 

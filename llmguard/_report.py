@@ -21,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
+from ._money import decimal_text, format_usd
 from ._prices import calc_cost
 
 DIMENSIONS = ("function", "model", "day", "budget", "route")
@@ -64,9 +65,9 @@ class Row:
     def as_dict(self) -> dict[str, Any]:
         return {
             "calls": self.calls,
-            "cost_usd": str(self.cost_usd),
-            "saved_cache_usd": str(self.saved_cache_usd),
-            "saved_routing_usd": str(self.saved_routing_usd),
+            "cost_usd": decimal_text(self.cost_usd),
+            "saved_cache_usd": decimal_text(self.saved_cache_usd),
+            "saved_routing_usd": decimal_text(self.saved_routing_usd),
             "cache_hits": self.cache_hits,
             "errors": self.errors,
             "input_tokens": self.input_tokens,
@@ -237,9 +238,9 @@ def render_table(report: Report) -> str:
     t = report.totals
     lines = [
         f"calls            {t.calls}",
-        f"spent            ${t.cost_usd}",
-        f"saved by cache   ${t.saved_cache_usd}  (hit rate {report.cache_hit_rate:.1%})",
-        f"saved by routing ${t.saved_routing_usd}",
+        f"spent            {format_usd(t.cost_usd)}",
+        f"saved by cache   {format_usd(t.saved_cache_usd)}  (hit rate {report.cache_hit_rate:.1%})",
+        f"saved by routing {format_usd(t.saved_routing_usd)}",
         f"retries          {report.retries}  ({report.retry_wait_s}s waiting)",
         f"rate-limit waits {report.rate_wait_s}s",
         f"errors           {t.errors}"
@@ -257,9 +258,9 @@ def render_table(report: Report) -> str:
         (
             name,
             str(r.calls),
-            f"${r.cost_usd}",
-            f"${r.saved_cache_usd}",
-            f"${r.saved_routing_usd}",
+            format_usd(r.cost_usd),
+            format_usd(r.saved_cache_usd),
+            format_usd(r.saved_routing_usd),
             str(r.cache_hits),
             str(r.errors),
         )
