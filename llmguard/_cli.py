@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from ._errors import MissingExtra
 from ._money import decimal_text, format_usd
 from ._prices import PerMTok, Tiered, get_price
 from ._report import DIMENSIONS
@@ -268,11 +269,7 @@ def _cmd_budget_status(args: argparse.Namespace) -> int:
             [header]
             + [
                 tuple(
-                    "-"
-                    if r[f] is None
-                    else format_usd(r[f])
-                    if f.endswith("_usd")
-                    else str(r[f])
+                    "-" if r[f] is None else format_usd(r[f]) if f.endswith("_usd") else str(r[f])
                     for f in (
                         "budget",
                         "key",
@@ -386,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="see every policy work, offline, against a fake provider")
     demo.add_argument(
-        "--fast", action="store_true", help="shorter windows: seconds instead of a minute"
+        "--fast", action="store_true", help="shorter windows: about 5 seconds instead of 12"
     )
     demo.add_argument(
         "--out", default=".", help="folder for the JSON log and HTML report (default .)"
@@ -448,7 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return EXIT_USAGE
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except MissingExtra as exc:  # an optional dependency: one line saying what to install
+        print(f"llmguard: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

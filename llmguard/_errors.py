@@ -4,7 +4,9 @@ The tree::
 
     LLMGuardError                 base of everything below; catch this to catch them all
     ├── ConfigurationError        bad decorator arguments or settings; raised at decoration or
-    │                             configure() time, never in the middle of a call
+    │   │                         configure() time, never in the middle of a call
+    │   └── MissingExtra          an optional dependency is not installed; names the
+    │                             ``pip install "llmguard[...]"`` that adds it
     ├── StorageError              a storage backend failed (disk full, Redis unreachable, ...);
     │                             the backend's own exception is chained as ``__cause__``
     ├── RateLimitExceeded         @rate_limited could not start the call within max_wait (or
@@ -21,8 +23,10 @@ Each message says what went wrong and what to do about it.
 
 from __future__ import annotations
 
+import importlib
 from datetime import datetime
 from decimal import Decimal
+from types import ModuleType
 
 
 class LLMGuardError(Exception):
@@ -35,6 +39,28 @@ class ConfigurationError(LLMGuardError, ValueError):
     Raised when the decorator is applied (or ``configure()`` is called), so a bad
     configuration fails at import time rather than on the first request in production.
     """
+
+
+class MissingExtra(ConfigurationError):
+    """An optional dependency is not installed: ``module`` comes with the ``extra``
+    (``pip install "llmguard[extra]"``, which the message names)."""
+
+    def __init__(self, what: str, *, module: str, extra: str) -> None:
+        super().__init__(f'{what} needs the {module} package: pip install "llmguard[{extra}]"')
+        self.module = module
+        self.extra = extra
+
+
+def require(module: str, *, extra: str, what: str) -> ModuleType:
+    """``import module``, or :class:`MissingExtra` naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name not in (None, module) and not module.startswith(f"{exc.name}."):
+            raise  # the package is there but one of its own dependencies is missing
+        raise MissingExtra(what, module=module, extra=extra) from None
+    except ImportError as exc:  # "import of openai halted", a broken installation
+        raise MissingExtra(what, module=module, extra=extra) from exc
 
 
 class StorageError(LLMGuardError):

@@ -83,7 +83,7 @@ def _stderr_logger(structlog: Any) -> Any:
         renderer,
     ]
     return structlog.wrap_logger(
-        structlog.WriteLogger(_Stderr()),  # type: ignore[arg-type]
+        structlog.WriteLogger(_Stderr()),
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(0),
         context_class=dict,

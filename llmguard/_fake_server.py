@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import count
 from typing import Any, NamedTuple
 
+from ._errors import require
 from ._tokens import count_message_tokens, count_tokens
 
 _REDACTED_HEADERS = {"authorization", "x-api-key", "api-key", "openai-organization"}
@@ -237,8 +238,7 @@ class FakeLLMServer:
 
     def openai_client(self, *, async_client: bool = False, **kwargs: Any) -> Any:
         """An ``openai.OpenAI`` (or ``AsyncOpenAI``) client pointed at this server."""
-        import openai
-
+        openai = require("openai", extra="openai", what="FakeLLMServer.openai_client()")
         cls = openai.AsyncOpenAI if async_client else openai.OpenAI
         kwargs.setdefault("api_key", "test-key")
         kwargs.setdefault("max_retries", 0)
@@ -246,8 +246,7 @@ class FakeLLMServer:
 
     def anthropic_client(self, *, async_client: bool = False, **kwargs: Any) -> Any:
         """An ``anthropic.Anthropic`` (or ``AsyncAnthropic``) client pointed at this server."""
-        import anthropic
-
+        anthropic = require("anthropic", extra="anthropic", what="FakeLLMServer.anthropic_client()")
         cls = anthropic.AsyncAnthropic if async_client else anthropic.Anthropic
         kwargs.setdefault("api_key", "test-key")
         kwargs.setdefault("max_retries", 0)

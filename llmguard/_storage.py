@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ._config import cache_dir, cache_size_limit, ensure_private_dir, storage_uri
-from ._errors import ConfigurationError, StorageError
+from ._errors import ConfigurationError, StorageError, require
 
 
 class Storage(ABC):
@@ -416,12 +416,7 @@ class RedisStorage(Storage):
     """Redis: shared by every process on every machine that uses the same URI."""
 
     def __init__(self, uri: str) -> None:
-        try:
-            import redis
-        except ImportError:
-            raise ConfigurationError(
-                f"storage {uri!r} needs the redis package: pip install 'llmguard[redis]'"
-            ) from None
+        redis = require("redis", extra="redis", what=f"storage {uri!r}")
         self.uri = uri
         self.client = redis.Redis.from_url(uri, socket_timeout=5, socket_connect_timeout=5)
         self._incr = self.client.register_script(_INCR_WITH_TTL)
@@ -551,12 +546,7 @@ def validate_uri(uri: str) -> str:
             f"unknown storage scheme in {uri!r}: use one of {known}, or a folder path"
         )
     if _registry[scheme] is RedisStorage:
-        try:
-            import redis  # noqa: F401
-        except ImportError:
-            raise ConfigurationError(
-                f"storage {uri!r} needs the redis package: pip install 'llmguard[redis]'"
-            ) from None
+        require("redis", extra="redis", what=f"storage {uri!r}")
     return uri
 
 

@@ -88,3 +88,80 @@ def test_console_script_help_and_no_command() -> None:
         check=True,
     )
     assert json.loads(result.stdout)[0]["input_tokens"] == 2
+
+
+def test_demo_without_openai_says_what_to_install(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "openai", None)  # as if the extra were not installed
+    assert main(["demo", "--fast", "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        'llmguard: llmguard demo needs the openai package: pip install "llmguard[openai]"'
+    ]
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_demo_without_openai_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    wrapper = (
+        "import sys; sys.modules['openai'] = None; from llmguard._cli import main; sys.exit(main())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper, "demo", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        'llmguard: llmguard demo needs the openai package: pip install "llmguard[openai]"'
+    )
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["cache", "stats"],
+        ["cache", "clear"],
+        ["budget", "status"],
+        ["budget", "reset", "some-budget"],
+    ],
+)
+def test_redis_storage_without_redis_says_what_to_install(
+    command: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)
+    assert main([*command, "--storage", "redis://127.0.0.1:6379/6"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line == (
+        "llmguard: storage 'redis://127.0.0.1:6379/6' needs the redis package: "
+        'pip install "llmguard[redis]"'
+    )
+
+
+def test_demo_progress_counts_down_on_a_terminal() -> None:
+    import io
+
+    from llmguard._demo import _Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    progress = _Progress(screen, live=screen.isatty())
+    progress.note = " (3/20 answered)"
+    progress.sleeper("the rate window")(0.3)
+    text = screen.getvalue()
+    assert text.startswith("\r   ...  0.3s waiting for the rate window (3/20 answered)")
+    assert text.count("\r") >= 3  # updated in place while waiting
+    assert text.endswith("\r")  # and the line is blanked once the wait is over
+    assert "\n" not in text
+    quiet = Terminal()
+    _Progress(quiet, live=True).wait("a blink", 0.01)
+    assert quiet.getvalue() == ""  # waits too short to notice are not shown

@@ -199,6 +199,12 @@ def test_demo_runs_offline_and_writes_its_reports(tmp_path: Path) -> None:
     assert {e["model"] for e in events} >= {"gpt-4o", "gpt-4o-mini"}
     assert any(e.get("error") == "BudgetExceeded" for e in events)
     assert "The HTML report:" in out
+    # The waits are shown while they happen, and are real.
+    assert "   ... waiting " in out
+    assert "for the retry-after of a 429 (@retry_on_rate_limit)" in out
+    assert sum(e.get("rate_wait_s", 0) for e in events) > 0
+    assert log.read_text().count('"event": "llm_retry"') == 2
+    assert "Traceback" not in result.stderr
 
 
 def test_the_html_report_renders_its_charts_in_a_real_browser(log: Path, tmp_path: Path) -> None:
