@@ -40,6 +40,7 @@ def limits_storage(uri: str | None) -> tuple[Any, bool]:
         if found is None:
             import limits.storage
 
+            validate_uri(chosen)  # a missing extra is named as such, not as limits words it
             scheme = _scheme(chosen)
             if scheme in ("local", "disk", "file"):
                 from ._limits_storage import DiskCacheLimitsStorage

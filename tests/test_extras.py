@@ -62,3 +62,21 @@ def test_a_missing_dependency_of_an_installed_extra_is_not_hidden(
         require("extra_pkg_xyz", extra="x", what="this")
     with pytest.raises(llmguard.MissingExtra, match=r"pip install \"llmguard\[x\]\""):
         require("not_installed_pkg_xyz", extra="x", what="this")
+
+
+def test_redis_from_the_environment_without_redis_names_the_extra(
+    no_redis: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMGUARD_STORAGE", REDIS)  # read at call time: the first call says it
+
+    @llmguard.rate_limited("10/second")
+    def limited(x: int) -> int:
+        return x
+
+    @llmguard.cached
+    def cached(x: int) -> int:
+        return x
+
+    for fn in (limited, cached):
+        with pytest.raises(llmguard.MissingExtra, match=r"pip install \"llmguard\[redis\]\""):
+            fn(1)
