@@ -482,9 +482,9 @@ class UserFunction:
     arguments *by name* (see :meth:`CallRecord.bound_arguments`).
 
     It receives only the parameters it names, or all of them if it takes ``**kwargs``
-    (``lambda user, **_: user`` and ``lambda user: user`` both work on
-    ``research("alice", "q")``); one taking ``*args`` (or positional-only parameters) gets
-    the call's arguments as they were passed. An exception it raises is re-raised as :class:`ConfigurationError`
+    (``lambda user, **_: user`` and ``lambda user: user`` both work on ``research("alice",
+    "q")``); one taking ``*args`` (or positional-only parameters) gets the call's arguments
+    as they were passed. An exception it raises is re-raised as :class:`ConfigurationError`
     naming the decorator and the option, with the original chained.
     """
 

@@ -143,9 +143,7 @@ def test_a_negative_max_tokens_does_not_shrink_the_reservation(backend: str) -> 
     assert llmguard.budget_status("negative-max").reserved_usd == 0
 
 
-def test_negative_provider_usage_is_counted_as_zero(
-    backend: str, events: CapturedEvents
-) -> None:
+def test_negative_provider_usage_is_counted_as_zero(backend: str, events: CapturedEvents) -> None:
     @llmguard.budget(usd="1", storage=backend, name="negative-usage")
     def ask(text: str, model: str = "gpt-4o") -> dict[str, Any]:
         return {
@@ -276,7 +274,8 @@ def test_async_followers_never_get_the_leaders_budget_refusal(redis_uri: str) ->
         )
 
     alice, bob = asyncio.run(main())
-    assert isinstance(alice, llmguard.BudgetExceeded) and alice.key == "alice"
+    assert isinstance(alice, llmguard.BudgetExceeded)
+    assert alice.key == "alice"
     assert bob == "answer to same"
 
 
@@ -305,7 +304,8 @@ def test_followers_still_share_the_upstream_error() -> None:
         t.start()
     for t in threads:
         t.join()
-    assert len(runs) == 1 and len(errors) == 8
+    assert len(runs) == 1
+    assert len(errors) == 8
 
 
 # -- per-call options are declared once and every layer knows them ---------------------------
@@ -418,9 +418,7 @@ def test_budget_refusal_downgrades_to_the_cheap_model(
 ) -> None:
     storage = f"file://{tmp_path}/store"
 
-    @llmguard.route_model(
-        "gpt-4o", cheap="gpt-4o-mini", downgrade_at=0.9, budget="downgrades"
-    )
+    @llmguard.route_model("gpt-4o", cheap="gpt-4o-mini", downgrade_at=0.9, budget="downgrades")
     @llmguard.budget(usd="0.005", storage=storage, name="downgrades")
     def ask(text: str, max_tokens: int = 1000, *, model: str = "gpt-4o") -> str:
         return model
@@ -432,7 +430,8 @@ def test_budget_refusal_downgrades_to_the_cheap_model(
     with pytest.raises(llmguard.BudgetExceeded):
         ask("hi", critical=True)  # never downgraded
     status = llmguard.budget_status("downgrades")
-    assert status.reserved_usd == 0 and status.spent_usd < Decimal("0.005")
+    assert status.reserved_usd == 0
+    assert status.spent_usd < Decimal("0.005")
 
 
 def test_budget_refusal_moves_to_a_fallback(tmp_path: Path) -> None:
