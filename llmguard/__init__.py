@@ -23,7 +23,7 @@ from ._errors import (
 )
 from ._events import configure_logging
 from ._instrument import instrument, record_usage
-from ._pipeline import CallRecord, current_call
+from ._pipeline import CallRecord, GuardedFunction, current_call
 from ._prices import ModelPrice, calc_cost, get_price, set_price
 from ._ratelimit import rate_limited
 from ._retry import retry_on_rate_limit
@@ -45,6 +45,7 @@ __all__ = [
     "CallRecord",
     "CallTooExpensive",
     "ConfigurationError",
+    "GuardedFunction",
     "LLMGuardError",
     "MissingExtra",
     "ModelPrice",

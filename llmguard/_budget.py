@@ -38,6 +38,7 @@ from ._pipeline import (
     Blocking,
     CallRecord,
     PromptFn,
+    UserFunction,
     check_options,
     full_name,
     guard,
@@ -82,7 +83,8 @@ class BudgetStatus:
 
 
 def _pico(usd: Decimal) -> int:
-    return int((usd * PICO).to_integral_value(rounding=ROUND_CEILING))
+    """Whole pico-dollars, rounded up; never negative (nothing takes spend off a ledger)."""
+    return max(int((usd * PICO).to_integral_value(rounding=ROUND_CEILING)), 0)
 
 
 def window_of(period: str | timedelta, now: datetime) -> tuple[datetime | None, datetime | None]:
@@ -134,7 +136,7 @@ class _BudgetLayer:
         self.limit = limit
         self.limit_pico = _pico(limit)
         self.period = period
-        self.key_fn = key
+        self.key_fn = None if key is None else UserFunction(key, "budget", "key")
         self.on_exceed = on_exceed
         self.alert_at = alert_at
         self.on_alert = on_alert
@@ -204,6 +206,10 @@ class _BudgetLayer:
         window_id, *_ = self._window()
         self.ledger(storage).reset(self._ledger_key(name, key, window_id))
 
+    def key_of(self, call: CallRecord) -> str | None:
+        """The budget key (tenant) of ``call``: ``key=`` given its arguments by name."""
+        return None if self.key_fn is None else str(self.key_fn(call))
+
     # -- the worst case of a call ----------------------------------------------------------
     def estimate(self, call: CallRecord) -> tuple[str | None, Decimal | None]:
         model = call.requested_model()
@@ -216,7 +222,10 @@ class _BudgetLayer:
     # -- the policy ----------------------------------------------------------------------
     def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
         name = self.name or call.spec.name
-        key = None if self.key_fn is None else str(self.key_fn(*call.args, **call.kwargs))
+        try:
+            key = self.key_of(call)
+        except TypeError:  # the arguments do not fit the signature: the function raises
+            return (yield PROCEED)
         model, estimate = self.estimate(call)
         call.fields["budget"] = name
         if estimate is None:
@@ -296,7 +305,7 @@ class _BudgetLayer:
         settle = functools.partial(self._settle, call, name, key, ledger_key, rid or None)
         try:
             result = yield PROCEED
-        except Exception as exc:
+        except BaseException as exc:  # interrupts and cancellations release it too
             cost = self._attempt_cost(call, None, exc, reported_before, estimate)
             yield from settle(_pico(cost), ttl, start, end)
             raise
@@ -441,7 +450,8 @@ def budget(
     callable whose return value replaces the call. After the call the reservation is released
     and the real cost (usage, else the estimate) added; on an exception without usage,
     released. Budgets with the same ``name`` share one ledger across functions, processes
-    and (with Redis) machines; ``key(*args, **kwargs)`` gives one budget per user or tenant.
+    and (with Redis) machines; ``key`` (given the call's arguments by name, e.g.
+    ``key=lambda user, **_: user``) gives one budget per user or tenant.
     ``max_call_usd`` refuses any single call that could cost more (``CallTooExpensive``).
     ``alert_at`` thresholds log one ``budget_alert`` per window (across processes) and call
     ``on_alert(status)``. An unreachable ledger refuses calls (``BudgetUnavailable``) unless
@@ -462,8 +472,23 @@ def budget(
         raise ConfigurationError("alert_at thresholds must be fractions in (0, 1]")
     if unknown_price not in ("refuse", "allow"):
         raise ConfigurationError("unknown_price must be 'refuse' or 'allow'")
-    if not isinstance(reservation_ttl, (int, float)) or reservation_ttl <= 0:
-        raise ConfigurationError("reservation_ttl must be seconds > 0")
+    if (
+        isinstance(reservation_ttl, bool)
+        or not isinstance(reservation_ttl, (int, float))
+        or not 0 < reservation_ttl < float("inf")
+    ):
+        raise ConfigurationError(
+            f"reservation_ttl must be a finite number of seconds > 0, got {reservation_ttl!r}"
+        )
+    if (
+        isinstance(default_output_tokens, bool)
+        or not isinstance(default_output_tokens, int)
+        or default_output_tokens < 0
+    ):
+        raise ConfigurationError(
+            "default_output_tokens must be an int >= 0 (the output budget assumed when a call "
+            f"gives no max_tokens), got {default_output_tokens!r}"
+        )
     try:
         zone = ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):

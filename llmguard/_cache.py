@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 from ._config import UNSET, _Unset
-from ._errors import ConfigurationError, StorageError
+from ._errors import ConfigurationError, LLMGuardError, StorageError
 from ._events import warn_once
 from ._flight import Flight, _running_loop
 from ._keys import Binder, canonical, code_digest
@@ -36,6 +36,7 @@ from ._pipeline import (
     Metering,
     PromptFn,
     Sleep,
+    UserFunction,
     check_options,
     full_name,
     guard,
@@ -126,6 +127,10 @@ class CachedFunction(Protocol[P, R]):
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
+    def with_options(self, **options: Any) -> Callable[P, R]:
+        """See :meth:`llmguard.GuardedFunction.with_options`."""
+        ...
+
 
 def _model_and_cost(metering: Metering) -> tuple[str | None, Decimal | None]:
     return metering.model, metering.cost
@@ -157,7 +162,8 @@ class _CacheLayer:
         self.binder = Binder(target, ignore)
         self.function = function
         self.ttl = ttl
-        self.key_fn = key
+        self.key_fn = None if key is None else UserFunction(key, "cached", "key")
+        self.arguments = None if key is None else Binder(target)  # key= sees them all
         self.cache_if = cache_if
         self.stale_if_error = stale_if_error
         self.stale_ttl = stale_ttl
@@ -176,21 +182,31 @@ class _CacheLayer:
         self._saved = Decimal(0)
 
     # -- keys ------------------------------------------------------------------------
-    def key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def key_for(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]
+    ) -> str:
+        """The entry key of a call: its arguments (or ``key=``'s value) and the per-call
+        options that change the answer (``critical``), which no argument shows."""
         if self.key_fn is not None:
-            material = canonical({"key": self.key_fn(*args, **kwargs)})
+            assert self.arguments is not None
+            bound = self.arguments.bind(args, kwargs)  # TypeError: the call does not fit
+            material = canonical({"key": self.key_fn.call_bound(bound)})
         else:
             material = canonical(self.binder.bind(args, kwargs))
         h = self._hasher.copy()
         h.update(material)
+        if options:  # canonical encodings are prefix-free: appending stays unambiguous
+            h.update(canonical(options))
         return self.prefix + h.hexdigest()
 
-    def public_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def public_key(self, args: tuple[Any, ...], kwargs: dict[str, Any], spec: Any) -> str:
+        kwargs = dict(kwargs)
+        options = {n: kwargs.pop(n) for n in spec.call_options if n in kwargs}
         try:
-            return self.key_for(args, kwargs)
+            return self.key_for(args, kwargs, options)
         except TypeError:
             if self.binder.skip_first and self.key_fn is None:  # called on the function
-                return self.key_for((None, *args), kwargs)  # of a method: self left out
+                return self.key_for((None, *args), kwargs, options)  # of a method: no self
             raise
 
     # -- storage, failing open ---------------------------------------------------------
@@ -286,9 +302,9 @@ class _CacheLayer:
     # -- the policy ----------------------------------------------------------------------
     def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
         try:
-            key = self.key_for(call.args, call.kwargs)
+            key = self.key_for(call.args, call.kwargs, call.options)
         except TypeError:
-            if self.key_fn is None and not self._binds(call):
+            if not self._binds(call):
                 return (yield PROCEED)  # a wrong call: let the function raise its TypeError
             raise
         storage = self._storage()
@@ -329,18 +345,22 @@ class _CacheLayer:
         self, call: CallRecord, storage: Storage | None, key: str, stale: Entry | None
     ) -> Generator[Any, Any, Any]:
         loop = _running_loop() if call.spec.is_async else None
-        with self._lock:
-            flight = self._flights.get(key)
-            leader = flight is None or flight.loop is not loop
-            if flight is None:
-                flight = self._flights[key] = Flight(loop)
-            elif leader:  # another event loop's flight: coordinate through the storage
-                flight = Flight(loop)
-        if not leader:
+        while True:
+            with self._lock:
+                flight = self._flights.get(key)
+                if flight is not None and flight.event.is_set():
+                    flight = None  # finished without a value for us: lead the next one
+                leader = flight is None or flight.loop is not loop
+                if flight is None:
+                    flight = self._flights[key] = Flight(loop)
+                elif leader:  # another event loop's flight: coordinate through the storage
+                    flight = Flight(loop)
+            if leader:
+                break
             waiting = flight
             ok, value, cost, model = yield Call(
-                lambda: waiting.wait(self.lock_timeout),
-                lambda: waiting.wait_async(self.lock_timeout),
+                functools.partial(waiting.wait, self.lock_timeout),
+                functools.partial(waiting.wait_async, self.lock_timeout),
             )
             if ok is True and value is _STREAM_STORED and storage is not None:
                 entry = yield from self._io(storage, self._read, storage, key)
@@ -353,11 +373,16 @@ class _CacheLayer:
             if ok is True:
                 call.fields["coalesced"] = True
                 return self._served(call, value, model or call.requested_model(), cost, "hit")
-            if ok is False:
-                if stale is not None:
+            if ok is False and not isinstance(value, LLMGuardError):
+                if stale is not None:  # the upstream call failed: it would fail for us too
                     return self._stale(call, stale, value)
                 raise value
-            flight = Flight(loop)  # the leader gave up or timed out: go it alone
+            if not waiting.event.is_set():  # the leader outlasted lock_timeout: go it alone
+                flight = Flight(loop)
+                break
+            # The leader was refused by a policy (its budget, its rate limit: another
+            # tenant's refusal, never ours to raise) or gave no outcome. Try again, leading
+            # the next flight unless another follower already does.
         try:
             return (yield from self._lead(call, storage, key, stale, flight))
         finally:
@@ -554,10 +579,11 @@ def cached(
 ) -> Any:
     """Cache the decorated function's results in the storage (local disk by default).
 
-    ``ttl``: seconds, a timedelta or ``"90s"``/``"30m"``/``"12h"``/``"7d"``; None (the
-    default) never expires. The key is the function's name, its code digest, ``version`` and
-    every bound argument but ``self``/``cls`` and those in ``ignore`` (or ``key(*args,
-    **kwargs)`` instead of the arguments). ``cache_if(result)`` False refuses to store.
+    ``ttl``: seconds, a timedelta or ``"90s"``/``"30m"``/``"12h"``/``"7d"``; None (the default)
+    never expires. The key is the function's name, its code digest, ``version`` and every bound
+    argument but ``self``/``cls`` and those in ``ignore`` (or the value of ``key``, given the
+    call's arguments by name, instead), and the per-call options that change the answer
+    (``critical`` of ``@route_model``). ``cache_if(result)`` False refuses to store.
     ``stale_if_error``: keep entries ``stale_ttl`` past expiry and serve them when the call
     raises. ``serializer="pickle"`` stores any picklable value, at the risk that whoever can
     write the storage can run code in your process; the default stores JSON data and
@@ -614,7 +640,8 @@ def cached(
         wrapper = guard(func, decorator="cached", layer=layer, options=options)
         wrapper.cache_info = layer.info
         wrapper.cache_clear = layer.clear
-        wrapper.cache_key = lambda *args, **kwargs: layer.public_key(args, kwargs)
+        spec = wrapper.__llmguard__
+        wrapper.cache_key = lambda *args, **kwargs: layer.public_key(args, kwargs, spec)
         return wrapper
 
     return decorate if fn is None else decorate(fn)

@@ -16,7 +16,16 @@ from typing import Any, ParamSpec, TypeVar
 from ._config import UNSET, _Unset
 from ._errors import ConfigurationError
 from ._flight import Flight, _running_loop
-from ._pipeline import PROCEED, Call, CallRecord, PromptFn, Sleep, check_options, guard
+from ._pipeline import (
+    PROCEED,
+    Call,
+    CallRecord,
+    PromptFn,
+    Sleep,
+    UserFunction,
+    check_options,
+    guard,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -44,7 +53,7 @@ class _DebounceLayer:
         async_sleep: Callable[[float], Awaitable[None]] | None,
     ) -> None:
         self.wait = wait
-        self.key = key
+        self.key = None if key is None else UserFunction(key, "debounced", "key")
         self.clock = clock
         self.sleep = sleep
         self.async_sleep = async_sleep
@@ -52,7 +61,7 @@ class _DebounceLayer:
         self._lock = threading.Lock()
 
     def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
-        key = self.key(*call.args, **call.kwargs) if self.key is not None else None
+        key = self.key(call) if self.key is not None else None
         loop = _running_loop() if call.spec.is_async else None
         with self._lock:
             burst = self._bursts.get(key)
@@ -114,10 +123,10 @@ def debounced(
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Collapse bursts of calls into one execution with the latest arguments.
 
-    Calls with the same ``key(*args, **kwargs)`` (default: every call of the function)
-    arriving within ``wait`` seconds of each other make one call, ``wait`` seconds after
-    the last of them, with that last call's arguments; every caller gets its result (or its
-    exception). The executing call's event is an ordinary one; the others log
+    Calls with the same ``key`` (given the call's arguments by name; default: every call of
+    the function) arriving within ``wait`` seconds of each other make one call, ``wait``
+    seconds after the last of them, with that last call's arguments; every caller gets its
+    result (or its exception). The executing call's event is an ordinary one; the others log
     ``debounced=True``, ``cost_usd=0`` and ``cost_source="debounced"``::
 
         @llmguard.debounced(wait=0.3, key=lambda user, text: user)

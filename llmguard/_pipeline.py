@@ -30,16 +30,17 @@ from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from random import getrandbits
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from ._config import _Unset
 from ._errors import ConfigurationError
 from ._events import emit, warn_once
+from ._keys import Binder
 from ._prices import get_price
 from ._stream import StreamTally, is_stream
 from ._stream import wrap as wrap_stream
 from ._tokens import count_message_tokens, counter_for
-from ._usage import Usage, text_from_response, usage_from_response
+from ._usage import Usage, sanitize, text_from_response, usage_from_response
 
 _current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
     "llmguard_call", default=None
@@ -47,6 +48,8 @@ _current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
 _children_lock = threading.Lock()
 _ZERO = Decimal(0)
 _OUTPUT_BUDGET_ARGS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+P = ParamSpec("P")
+R = TypeVar("R", covariant=True)
 
 
 class _Proceed:
@@ -89,7 +92,14 @@ Instruction = Any  # PROCEED | Sleep | Blocking | Call
 
 
 class Layer(Protocol):
-    """A policy: ``run`` is a generator of instructions returning the call's result."""
+    """A policy: ``run`` is a generator of instructions returning the call's result.
+
+    A layer that reads a per-call option the decorated function itself does not take (such
+    as ``@route_model``'s ``critical``) names it in a ``call_options`` attribute (a tuple of
+    names): the wrapper then takes it out of the call's keyword arguments before any layer
+    runs, so that every layer sees the same arguments (the cache key among them, see
+    :meth:`CallRecord.option`) and the function never receives it.
+    """
 
     def run(self, call: CallRecord) -> Generator[Instruction, Any, Any]: ...
 
@@ -106,20 +116,22 @@ def _drive_sync(layers: tuple[Layer, ...], index: int, call: CallRecord) -> Any:
         except StopIteration as stop:
             return stop.value
         sent = thrown = None
-        if instruction is PROCEED:
-            try:
+        # Whatever ends an instruction, KeyboardInterrupt and SystemExit included, is thrown
+        # into the layer, so that it can release what it holds (a budget reservation, a
+        # cache lock) before the exception goes on.
+        try:
+            if instruction is PROCEED:
                 sent = _drive_sync(layers, index + 1, call)
-            except Exception as exc:
-                thrown = exc
-        elif isinstance(instruction, Sleep):
-            (instruction.sleep or time.sleep)(instruction.seconds)
-        elif isinstance(instruction, (Blocking, Call)):
-            try:
-                sent = instruction.fn() if isinstance(instruction, Blocking) else instruction.sync()
-            except Exception as exc:  # thrown into the layer, which may handle it
-                thrown = exc
-        else:  # pragma: no cover - a programming error in a layer
-            raise TypeError(f"layer yielded {instruction!r}")
+            elif isinstance(instruction, Sleep):
+                (instruction.sleep or time.sleep)(instruction.seconds)
+            elif isinstance(instruction, Blocking):
+                sent = instruction.fn()
+            elif isinstance(instruction, Call):
+                sent = instruction.sync()
+            else:  # pragma: no cover - a programming error in a layer
+                raise TypeError(f"layer yielded {instruction!r}")
+        except BaseException as exc:
+            thrown = exc
 
 
 async def _drive_async(layers: tuple[Layer, ...], index: int, call: CallRecord) -> Any:
@@ -136,28 +148,28 @@ async def _drive_async(layers: tuple[Layer, ...], index: int, call: CallRecord) 
         except StopIteration as stop:
             return stop.value
         sent = thrown = None
-        if instruction is PROCEED:
-            try:
+        # As in _drive_sync: cancellation (task.cancel(), asyncio.wait_for and timeouts) is
+        # thrown into the layer too.
+        try:
+            if instruction is PROCEED:
                 sent = await _drive_async(layers, index + 1, call)
-            except Exception as exc:
-                thrown = exc
-        elif isinstance(instruction, Sleep):
-            if instruction.async_sleep is not None:
-                await instruction.async_sleep(instruction.seconds)
-            elif instruction.sleep is not None:
-                instruction.sleep(instruction.seconds)
-            else:
-                await asyncio.sleep(instruction.seconds)
-        elif isinstance(instruction, (Blocking, Call)):
-            try:
-                if isinstance(instruction, Blocking):
-                    sent = await asyncio.to_thread(instruction.fn)
+            elif isinstance(instruction, Sleep):
+                if instruction.async_sleep is not None:
+                    await instruction.async_sleep(instruction.seconds)
+                elif instruction.sleep is not None:
+                    instruction.sleep(instruction.seconds)
                 else:
-                    sent = await instruction.async_()
-            except Exception as exc:  # thrown into the layer, which may handle it
-                thrown = exc
-        else:  # pragma: no cover - a programming error in a layer
-            raise TypeError(f"layer yielded {instruction!r}")
+                    await asyncio.sleep(instruction.seconds)
+            elif isinstance(instruction, Blocking):
+                # Shielded: once started, storage work (a settle, a lock release) finishes
+                # in its thread even if this task is cancelled meanwhile.
+                sent = await asyncio.shield(asyncio.to_thread(instruction.fn))
+            elif isinstance(instruction, Call):
+                sent = await instruction.async_()
+            else:  # pragma: no cover - a programming error in a layer
+                raise TypeError(f"layer yielded {instruction!r}")
+        except BaseException as exc:
+            thrown = exc
 
 
 PromptFn = Callable[..., Any]
@@ -190,7 +202,16 @@ class FunctionSpec:
     messages_index: int | None = None
     has_messages_kw: bool = False
     params: dict[str, tuple[int | None, Any]] = field(default_factory=dict, repr=False)
+    call_options: tuple[str, ...] = ()
     wrapper: Callable[..., Any] | None = field(default=None, repr=False)
+    _binder: Binder | None = field(default=None, repr=False)
+
+    @property
+    def binder(self) -> Binder:
+        """Binds a call's arguments to the function's parameters by name (built once)."""
+        if self._binder is None:
+            self._binder = Binder(self.fn)
+        return self._binder
 
     @classmethod
     def build(cls, fn: Callable[..., Any]) -> FunctionSpec:
@@ -228,6 +249,7 @@ class CallRecord:
     """
 
     __slots__ = (
+        "_bound",
         "args",
         "call_id",
         "children",
@@ -236,6 +258,7 @@ class CallRecord:
         "kwargs",
         "last_metering",
         "metering",
+        "options",
         "parent",
         "reported_ids",
         "spec",
@@ -253,6 +276,12 @@ class CallRecord:
         self.spec = spec
         self.args = args
         self.kwargs = kwargs
+        self.options: dict[str, Any] = {}
+        if spec.call_options and kwargs:  # llmguard's own per-call options: not the function's
+            for name in spec.call_options:
+                if name in kwargs:
+                    self.options[name] = kwargs.pop(name)
+        self._bound: tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]] | None = None
         self.parent = parent
         self.call_id = f"{getrandbits(64):016x}"
         self.fields: dict[str, Any] = {}
@@ -294,6 +323,24 @@ class CallRecord:
             return self.args[index]
         return declared if declared is not None else default
 
+    def option(self, name: str, default: Any = None) -> Any:
+        """A per-call option declared by a layer's ``call_options`` (``critical``...): taken
+        from the call's keywords, or the function's own parameter of that name if it has one."""
+        if name in self.options:
+            return self.options[name]
+        return self.argument(name, default)
+
+    def bound_arguments(self) -> dict[str, Any]:
+        """The call's arguments by parameter name, defaults applied, ``self``/``cls`` left
+        out: what ``key=`` and ``when=`` functions receive. Raises TypeError exactly when
+        the call does not fit the function's signature."""
+        cached = self._bound
+        if cached is not None and cached[0] is self.args and cached[1] is self.kwargs:
+            return cached[2]
+        bound = self.spec.binder.bind(self.args, self.kwargs)
+        self._bound = (self.args, self.kwargs, bound)
+        return bound
+
     def prompt_tokens(self, model: str | None = None) -> int:
         """This call's prompt in tokens for ``model`` (default: the requested model): chat
         messages with the cookbook formula (tools included), else the prompt texts."""
@@ -328,7 +375,9 @@ class CallRecord:
         ``max_completion_tokens`` or ``max_output_tokens`` argument, else ``default``."""
         for name in _OUTPUT_BUDGET_ARGS:
             value = self.argument(name)
-            if isinstance(value, int) and not isinstance(value, bool):
+            # A negative or non-integer value is no output budget (the provider refuses it):
+            # the worst case stays the default, so it can never shrink a reservation.
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 return value
         return default
 
@@ -347,6 +396,9 @@ class CallRecord:
         """
         if source is not None:
             self.reported_ids.append(id(source))
+        usage = sanitize(usage)
+        if cost_usd is not None and cost_usd < 0:
+            cost_usd = _ZERO  # a negative figure never takes spend off a ledger
         if usage.model is None:
             usage = replace(usage, model=self.requested_model())
         self.usages.append((usage, cost_usd))
@@ -423,6 +475,71 @@ class CallRecord:
 
     def __repr__(self) -> str:
         return f"<CallRecord {self.spec.name} call_id={self.call_id}>"
+
+
+class UserFunction:
+    """A function the user gives a decorator (``key=``, ``when=``), called with the call's
+    arguments *by name* (see :meth:`CallRecord.bound_arguments`).
+
+    It receives only the parameters it names, or all of them if it takes ``**kwargs``
+    (``lambda user, **_: user`` and ``lambda user: user`` both work on ``research("alice",
+    "q")``); one taking ``*args`` (or positional-only parameters) gets the call's arguments
+    as they were passed. An exception it raises is re-raised as :class:`ConfigurationError`
+    naming the decorator and the option, with the original chained.
+    """
+
+    __slots__ = ("decorator", "fn", "names", "option", "raw")
+
+    def __init__(self, fn: Callable[..., Any], decorator: str, option: str) -> None:
+        if not callable(fn):
+            raise ConfigurationError(f"@{decorator}({option}=...) must be callable, got {fn!r}")
+        self.fn = fn
+        self.decorator = decorator
+        self.option = option
+        self.names: frozenset[str] | None = None  # None: every argument
+        self.raw = False
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):  # a builtin: give it the arguments as passed
+            self.raw = True
+            return
+        if any(p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY) for p in params):
+            self.raw = True  # it wants positions: give it the call as it was made
+        elif not any(p.kind is p.VAR_KEYWORD for p in params):
+            self.names = frozenset(p.name for p in params)
+
+    def __call__(self, call: CallRecord) -> Any:
+        if self.raw:
+            return self.call_with(call.args, call.kwargs)
+        return self.call_bound(call.bound_arguments())
+
+    def call_bound(self, bound: Mapping[str, Any]) -> Any:
+        """Call it with ``bound`` (arguments by name)."""
+        names = self.names
+        given = dict(bound) if names is None else {k: v for k, v in bound.items() if k in names}
+        return self.call_with((), given)
+
+    def call_with(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"@{self.decorator}({self.option}=...) raised {type(exc).__name__}: {exc}. It "
+                "is called with the call's arguments by name (only those it names, or all of "
+                "them if it takes **kwargs), e.g. lambda user, **_: user"
+            ) from exc
+
+
+class GuardedFunction(Protocol[P, R]):
+    """A function decorated by llmguard: called as before, plus :meth:`with_options`."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    def with_options(self, **options: Any) -> Callable[P, R]:
+        """The function with llmguard per-call options set (``critical=True`` for
+        ``@route_model``): ``summarize.with_options(critical=True)(text)``. Typed, unlike
+        passing ``critical=True`` to the function itself, which works too."""
+        ...
 
 
 def current_call() -> CallRecord | None:
@@ -662,8 +779,25 @@ def guard(
         setattr(spec, name, value)
     if layer is not None:
         spec.layers = (layer, *spec.layers)
+    declared = [name for each in spec.layers for name in getattr(each, "call_options", ())]
+    spec.call_options = tuple(dict.fromkeys(n for n in declared if n not in spec.params))
     wrapper = _make_wrapper(spec)
     functools.update_wrapper(wrapper, fn)
     wrapper.__llmguard__ = spec  # type: ignore[attr-defined]
+    wrapper.with_options = functools.partial(_with_options, wrapper, frozenset(declared))  # type: ignore[attr-defined]
     spec.wrapper = wrapper
     return wrapper
+
+
+def _with_options(
+    wrapper: Callable[..., Any], known: frozenset[str], **options: Any
+) -> Callable[..., Any]:
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"{full_name(wrapper)}.with_options() got {', '.join(unknown)}: the options its "
+            f"decorators take per call are {', '.join(sorted(known)) or 'none'}"
+        )
+    bound = functools.partial(wrapper, **options)
+    functools.update_wrapper(bound, wrapper)
+    return bound

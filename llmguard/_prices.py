@@ -57,7 +57,19 @@ class ModelPrice:
         cache_write_tokens: int = 0,
     ) -> Decimal:
         """Exact USD cost. ``input_tokens`` is the call's whole input, *including* the
-        cached and cache-write tokens (OpenAI's ``prompt_tokens`` convention)."""
+        cached and cache-write tokens (OpenAI's ``prompt_tokens`` convention). Negative
+        counts count as 0: a cost is never negative."""
+        if (
+            input_tokens < 0
+            or output_tokens < 0
+            or cached_input_tokens < 0
+            or cache_write_tokens < 0
+        ):
+            input_tokens, output_tokens = max(input_tokens, 0), max(output_tokens, 0)
+            cached_input_tokens, cache_write_tokens = (
+                max(cached_input_tokens, 0),
+                max(cache_write_tokens, 0),
+            )
         if not cached_input_tokens and not cache_write_tokens:
             return (
                 input_tokens * _at(self.input_per_mtok, input_tokens)

@@ -20,7 +20,16 @@ from typing import Any, ParamSpec, TypeVar
 
 from ._config import UNSET, _Unset, storage_uri
 from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge
-from ._pipeline import PROCEED, Blocking, CallRecord, PromptFn, Sleep, check_options, guard
+from ._pipeline import (
+    PROCEED,
+    Blocking,
+    CallRecord,
+    PromptFn,
+    Sleep,
+    UserFunction,
+    check_options,
+    guard,
+)
 from ._storage import _scheme, open_storage, validate_uri
 
 P = ParamSpec("P")
@@ -97,7 +106,7 @@ class _RateLimitLayer:
         self.requests = requests
         self.tokens = tokens
         self.name = name
-        self.key = key
+        self.key = None if key is None else UserFunction(key, "rate_limited", "key")
         self.block = block
         self.max_wait = max_wait
         self.storage_uri = storage
@@ -163,7 +172,7 @@ class _RateLimitLayer:
     def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
         ids: tuple[str, ...] = ("llmguard", self.name or call.spec.name)
         if self.key is not None:
-            ids += (str(self.key(*call.args, **call.kwargs)),)
+            ids += (str(self.key(call)),)
         cost = self.token_cost(call) if self.tokens else 0
         for item in self.tokens:
             if cost > item.amount:
@@ -227,15 +236,15 @@ def rate_limited(
     A call's tokens are counted as the provider counts them against TPM: the estimated
     prompt plus its output budget (``max_tokens``, ``max_completion_tokens`` or
     ``max_output_tokens`` argument, else ``default_output_tokens``). Functions with the same
-    ``name`` share limits (default: each function its own); ``key(*args, **kwargs)`` gives
-    each user or tenant their own. ``block=True`` waits until the window allows the call
-    (``await``ing in async functions) and raises ``RateLimitExceeded(retry_after=...)`` past
-    ``max_wait``; ``block=False`` raises at once. A call needing more tokens than a whole
-    window allows raises ``RequestTooLarge``. The limit holds across processes (local
-    storage, the default), in one process (``memory://``) or across machines
-    (``redis://``). ``margin`` widens request windows by that many seconds (default: 2% of
-    the window, at least 50 ms), so requests still fit the provider's window when they reach
-    it a little after their grant. The event gets
+    ``name`` share limits (default: each function its own); ``key`` (given the call's
+    arguments by name) gives each user or tenant their own. ``block=True`` waits until the
+    window allows the call (``await``ing in async functions) and raises
+    ``RateLimitExceeded(retry_after=...)`` past ``max_wait``; ``block=False`` raises at
+    once. A call needing more tokens than a whole window allows raises ``RequestTooLarge``.
+    The limit holds across processes (local storage, the default), in one process
+    (``memory://``) or across machines (``redis://``). ``margin`` widens request windows by
+    that many seconds (default: 2% of the window, at least 50 ms), so requests still fit the
+    provider's window when they reach it a little after their grant. The event gets
     ``rate_wait_s``.
     """
     if rate is not None and not isinstance(rate, str):

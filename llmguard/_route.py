@@ -6,7 +6,10 @@ strong model); the budget's spend past ``downgrade_at`` (cheap); ``when(...)`` t
 chosen model is passed as the ``model`` keyword (``param=``). Fallbacks: when the call fails
 with a rate limit, overload, server error, timeout or connection error (after any inner
 retries), the next model is tried; client errors (400, 401, 404...) are not failed over.
-Every event carries ``route``.
+When an inner ``@budget`` refuses a model's worst case (``BudgetExceeded``, before anything
+is sent), the cheap model is tried if ``downgrade_at`` is set (route ``downgrade:budget``),
+else the next fallback; a ``critical`` call is never downgraded. Every event carries
+``route``.
 """
 
 from __future__ import annotations
@@ -16,8 +19,16 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from ._config import UNSET, _Unset
-from ._errors import ConfigurationError
-from ._pipeline import PROCEED, CallRecord, PromptFn, check_options, guard
+from ._errors import BudgetExceeded, ConfigurationError
+from ._pipeline import (
+    PROCEED,
+    CallRecord,
+    GuardedFunction,
+    PromptFn,
+    UserFunction,
+    check_options,
+    guard,
+)
 from ._retry import classify, status_of
 
 P = ParamSpec("P")
@@ -48,13 +59,14 @@ class _RouteLayer:
     ) -> None:
         self.default = default
         self.cheap = cheap
-        self.when = when
+        self.when = None if when is None else UserFunction(when, "route_model", "when")
         self.cheap_below_tokens = cheap_below_tokens
         self.fallbacks = fallbacks
         self.downgrade_at = downgrade_at
         self.budget = budget
         self.param = param
         self.critical_param = critical_param
+        self.call_options = (critical_param,)  # taken out of the call's keywords if need be
 
     def _explicit(self, call: CallRecord) -> bool:
         if self.param in call.kwargs:
@@ -66,8 +78,7 @@ class _RouteLayer:
         from ._budget import _layer
 
         layer = _layer(self.budget or "")
-        key = None if layer.key_fn is None else str(layer.key_fn(*call.args, **call.kwargs))
-        status = layer.status(self.budget or "", key)
+        status = layer.status(self.budget or "", layer.key_of(call))
         if not status.limit_usd:
             return 1.0
         return float(status.spent_usd / status.limit_usd)
@@ -83,7 +94,7 @@ class _RouteLayer:
                 spent = self._budget_spent(call)
                 if spent is not None and spent >= self.downgrade_at:
                     return self.cheap, "downgrade:budget"
-            if self.when is not None and self.when(*call.args, **call.kwargs):
+            if self.when is not None and self.when(call):
                 return self.cheap, "cheap:when"
             below = self.cheap_below_tokens
             if below is not None and call.prompt_tokens(self.default) < below:
@@ -91,29 +102,42 @@ class _RouteLayer:
         return self.default, "default"
 
     def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
-        critical = False
-        if self.critical_param not in call.spec.params:  # the router's own argument
-            critical = bool(call.kwargs.pop(self.critical_param, False))
-        else:
-            critical = bool(call.argument(self.critical_param, False))
+        critical = bool(call.option(self.critical_param, False))
         model, route = self.choose(call, critical)
         call.fields["route"] = route
         if model is not None and model != self.default:
             call.fields["route_default"] = self.default  # what "saved by routing" compares to
         if model is None:
             return (yield PROCEED)
-        chain = [model, *(m for m in self.fallbacks if m != model)]
-        for attempt, candidate in enumerate(chain):
+        queue = [model, *(m for m in self.fallbacks if m != model)]
+        tried: list[str] = []
+        failures = 0
+        while True:
+            candidate = queue.pop(0)
+            tried.append(candidate)
             call.kwargs[self.param] = candidate
-            if attempt:
-                call.fields["route"] = f"fallback:{attempt}"
-                call.fields["failed_over_from"] = chain[attempt - 1]
             try:
                 return (yield PROCEED)
-            except Exception as exc:
-                if attempt == len(chain) - 1 or not _fails_over(exc):
+            except BudgetExceeded:
+                # The budget refused this model's worst case before anything was sent: a
+                # cheaper model may still fit (never for critical calls, which want this one).
+                if critical:
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover
+                cheap = self.cheap
+                if self.downgrade_at is not None and cheap is not None and cheap not in tried:
+                    queue = [cheap, *(m for m in queue if m != cheap)]
+                    call.fields["route"] = "downgrade:budget"
+                    call.fields["route_default"] = self.default
+                    call.fields["downgraded_from"] = candidate
+                    continue
+                if not queue:
+                    raise
+            except Exception as exc:
+                if not queue or not _fails_over(exc):
+                    raise
+            failures += 1
+            call.fields["route"] = f"fallback:{failures}"
+            call.fields["failed_over_from"] = candidate
 
 
 def route_model(
@@ -129,15 +153,18 @@ def route_model(
     critical_param: str = "critical",
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]:
     """Pick the model for each call, and fall back to others when it fails.
 
-    ``when(*args, **kwargs)`` true, or the estimated prompt under ``cheap_below_tokens``
-    tokens, routes to ``cheap``; so does ``budget``'s spend reaching ``downgrade_at`` (a
-    fraction of its limit). ``critical=True`` at the call forces ``default``; an explicit
-    ``model=`` always wins. ``fallbacks`` are tried in order when a call fails with a rate
-    limit, overload, server error, timeout or connection error. The event's ``route`` says
-    why: ``default``, ``cheap:when``, ``cheap:tokens``, ``critical``, ``explicit``,
+    ``when`` true (given the call's arguments by name), or the estimated prompt under
+    ``cheap_below_tokens`` tokens, routes to ``cheap``; so does ``budget``'s spend reaching
+    ``downgrade_at`` (a fraction of its limit). ``critical=True`` at the call (or, typed,
+    ``fn.with_options(critical=True)(...)``) forces ``default``; an explicit ``model=``
+    always wins. ``fallbacks`` are tried in order when a call fails with a rate limit,
+    overload, server error, timeout or connection error; when an inner ``@budget`` refuses a
+    model's worst case, the cheap model (with ``downgrade_at``) or the next fallback is
+    tried before the refusal is raised. The event's ``route`` says why:
+    ``default``, ``cheap:when``, ``cheap:tokens``, ``critical``, ``explicit``,
     ``downgrade:budget`` or ``fallback:<n>``::
 
         @llmguard.route_model("gpt-4o", cheap="gpt-4o-mini", when=lambda t, **_: len(t) < 2000)
@@ -185,7 +212,7 @@ def route_model(
         critical_param=critical_param,
     )
 
-    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+    def decorate(func: Callable[P, R]) -> GuardedFunction[P, R]:
         target = inspect.unwrap(getattr(func, "__func__", func))
         try:
             parameters = inspect.signature(target).parameters

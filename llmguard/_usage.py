@@ -32,6 +32,35 @@ class Usage:
     model: str | None = None
 
 
+def sanitize(usage: Usage) -> Usage:
+    """``usage`` with impossible counts made possible: negative counts become 0 and cached
+    plus cache-write tokens never exceed the whole input. A provider (or a proxy, or a test
+    double) reporting such numbers gets one ``impossible_usage`` warning: they are never
+    allowed to take spend off a ledger."""
+    i, o, c, w = (
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cached_input_tokens,
+        usage.cache_write_tokens,
+    )
+    if i >= 0 and o >= 0 and c >= 0 and w >= 0 and c + w <= i:
+        return usage
+    from ._events import warn_once
+
+    warn_once(
+        f"impossible_usage:{usage.model}",
+        "impossible_usage",
+        model=usage.model,
+        input_tokens=i,
+        output_tokens=o,
+        cached_input_tokens=c,
+        cache_write_tokens=w,
+        hint="negative token counts are counted as 0",
+    )
+    c, w = max(c, 0), max(w, 0)
+    return Usage(max(i, 0, c + w), max(o, 0), c, w, usage.model)
+
+
 def _get(obj: Any, name: str) -> Any:
     if isinstance(obj, Mapping):
         return obj.get(name)
@@ -44,6 +73,11 @@ def _int(value: Any) -> int:
 
 def usage_from_usage_object(usage: Any, model: str | None = None) -> Usage | None:
     """Normalise a ``usage`` object or dict of any recognised shape; None if it is not one."""
+    found = _from_usage_object(usage, model)
+    return None if found is None else sanitize(found)
+
+
+def _from_usage_object(usage: Any, model: str | None) -> Usage | None:
     if usage is None:
         return None
     prompt = _get(usage, "prompt_tokens")
