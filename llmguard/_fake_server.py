@@ -8,6 +8,7 @@ import bisect
 import json
 import math
 import re
+import socket
 import sys
 import threading
 import time
@@ -68,8 +69,8 @@ def default_reply(request: FakeRequest) -> str:
 class _Window:
     """The provider's own limits: a moving window of (time, tokens) per admitted request."""
 
-    def __init__(self, rpm: int | None, tpm: int | None, window: float) -> None:
-        self.rpm, self.tpm, self.window = rpm, tpm, window
+    def __init__(self, requests: int | None, tokens: int | None, window: float) -> None:
+        self.requests, self.tokens, self.window = requests, tokens, window
         self.log: list[tuple[float, int]] = []  # sorted by time
 
     def admit(self, tokens: int, now: float) -> tuple[str | None, float, dict[str, float]]:
@@ -77,14 +78,15 @@ class _Window:
         del self.log[: bisect.bisect_right(self.log, (now - self.window, float("inf")))]
         used = sum(t for _, t in self.log)
         refused, wait = None, 0.0
-        if self.rpm is not None and len(self.log) + 1 > self.rpm:
-            refused, wait = "requests", self.log[len(self.log) - self.rpm][0] + self.window - now
-        elif self.tpm is not None and used + tokens > self.tpm:
+        if self.requests is not None and len(self.log) + 1 > self.requests:
+            refused = "requests"
+            wait = self.log[len(self.log) - self.requests][0] + self.window - now
+        elif self.tokens is not None and used + tokens > self.tokens:
             refused, freed = "tokens", 0
             wait = self.window
             for at, spent in self.log:
                 freed += spent
-                if used - freed + tokens <= self.tpm:
+                if used - freed + tokens <= self.tokens:
                     wait = at + self.window - now
                     break
         if refused is None:  # requests are stamped on arrival, admitted a little later
@@ -92,8 +94,8 @@ class _Window:
             used += tokens
         oldest = self.log[0][0] + self.window - now if self.log else 0.0
         numbers = {
-            "remaining_requests": float(max((self.rpm or 0) - len(self.log), 0)),
-            "remaining_tokens": float(max((self.tpm or 0) - used, 0)),
+            "remaining_requests": float(max((self.requests or 0) - len(self.log), 0)),
+            "remaining_tokens": float(max((self.tokens or 0) - used, 0)),
             "reset": max(oldest, 0.0),
         }
         return refused, max(wait, 0.001), numbers
@@ -144,18 +146,24 @@ class FakeLLMServer:
     function of the request) delays every answer, ``cached_tokens`` (int or function)
     reports that many prompt tokens as served from the provider's prompt cache.
 
-    Limits and faults, as real providers have them: ``rpm`` / ``tpm`` are enforced over a
-    moving ``window`` (60 s by default; shorter in tests) with OpenAI-style 429s
+    Limits and faults, as real providers have them: ``requests_per_window`` and
+    ``tokens_per_window`` are counts admitted per moving ``window`` of seconds (60 by
+    default, so they are RPM and TPM; shorter in tests), refused with OpenAI-style 429s
     (``retry-after``, ``retry-after-ms``, ``x-ratelimit-*`` headers, ``code:
     rate_limit_exceeded``) or Anthropic-style ones (``anthropic-ratelimit-*``) on
     ``/v1/messages``; a request's tokens are its prompt plus ``max_tokens`` (or the reply).
-    ``quota_exhausted=True`` answers every request with OpenAI's ``insufficient_quota`` 429.
+    ``quota_exhausted=True`` answers every request as an account out of money does: OpenAI's
+    ``insufficient_quota`` 429, Anthropic's "credit balance is too low" 400.
     ``stream=True`` requests are answered with server-sent events in the provider's format
     (OpenAI chunks, with a final usage chunk when ``stream_options={"include_usage": True}``;
     Anthropic's message events with usage in ``message_start`` and ``message_delta``), one
     word per chunk, ``chunk_delay`` seconds apart.
     :meth:`fail_next`, :meth:`drop_next` and :meth:`slow_next` inject faults;
     :attr:`statuses` lists every status code answered.
+
+    Each connection is served by its own thread and the listen backlog holds 1024 pending
+    connections, so hundreds of simultaneous clients are all answered; :meth:`stop` also
+    closes the connections clients keep alive.
     """
 
     def __init__(
@@ -164,8 +172,8 @@ class FakeLLMServer:
         reply: Callable[[FakeRequest], str] = default_reply,
         latency: float | Callable[[FakeRequest], float] = 0.0,
         cached_tokens: int | Callable[[FakeRequest], int] = 0,
-        rpm: int | None = None,
-        tpm: int | None = None,
+        requests_per_window: int | None = None,
+        tokens_per_window: int | None = None,
         window: float = 60.0,
         quota_exhausted: bool = False,
         chunk_delay: float = 0.0,
@@ -176,13 +184,13 @@ class FakeLLMServer:
             reply=reply,
             latency=latency,
             cached_tokens=cached_tokens,
-            limits=_Window(rpm, tpm, window),
+            limits=_Window(requests_per_window, tokens_per_window, window),
             quota_exhausted=quota_exhausted,
             chunk_delay=chunk_delay,
         )
         self._host = host
         self._port = port
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -191,7 +199,6 @@ class FakeLLMServer:
             return self
         handler = type("Handler", (_Handler,), {"options": self._options})
         server = _Server((self._host, self._port), handler)
-        server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever,
@@ -203,8 +210,10 @@ class FakeLLMServer:
         return self
 
     def stop(self) -> None:
+        """Stop accepting, close every open connection (kept-alive ones too), free the port."""
         if self._server is not None:
             self._server.shutdown()
+            self._server.close_connections()
             self._server.server_close()
             self._server = None
         if self._thread is not None:
@@ -326,6 +335,38 @@ class _Answer(NamedTuple):
 
 
 class _Server(ThreadingHTTPServer):
+    """One daemon thread per connection; the open connections are known, to close them."""
+
+    daemon_threads = True
+    # socketserver listens with a backlog of 5: a burst of connections beyond what the
+    # accept loop takes in at once was refused or reset (53 of 100 simultaneous requests)
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End every open connection: its handler reads EOF and its thread returns."""
+        with self._open_lock:
+            open_now = list(self._open)
+        for connection in open_now:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the client
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
             return  # the client gave up (a timeout test): nothing to report
@@ -414,7 +455,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _admit(self, request: FakeRequest, tokens: int) -> None:
         """Enforce RPM/TPM; raises _Refused after answering 429."""
         window = self.options.limits
-        if window.rpm is None and window.tpm is None:
+        if window.requests is None and window.tokens is None:
             return
         with self.options.lock:
             refused, wait, numbers = window.admit(tokens, request.at)  # at arrival, as providers do
@@ -422,19 +463,19 @@ class _Handler(BaseHTTPRequestHandler):
         if self._anthropic:
             at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + numbers["reset"]))
             self._limit_headers = {
-                "anthropic-ratelimit-requests-limit": str(window.rpm or 0),
+                "anthropic-ratelimit-requests-limit": str(window.requests or 0),
                 "anthropic-ratelimit-requests-remaining": str(int(numbers["remaining_requests"])),
                 "anthropic-ratelimit-requests-reset": at,
-                "anthropic-ratelimit-tokens-limit": str(window.tpm or 0),
+                "anthropic-ratelimit-tokens-limit": str(window.tokens or 0),
                 "anthropic-ratelimit-tokens-remaining": str(int(numbers["remaining_tokens"])),
                 "anthropic-ratelimit-tokens-reset": at,
             }
         else:
             self._limit_headers = {
-                "x-ratelimit-limit-requests": str(window.rpm or 0),
+                "x-ratelimit-limit-requests": str(window.requests or 0),
                 "x-ratelimit-remaining-requests": str(int(numbers["remaining_requests"])),
                 "x-ratelimit-reset-requests": reset,
-                "x-ratelimit-limit-tokens": str(window.tpm or 0),
+                "x-ratelimit-limit-tokens": str(window.tokens or 0),
                 "x-ratelimit-remaining-tokens": str(int(numbers["remaining_tokens"])),
                 "x-ratelimit-reset-tokens": reset,
             }
@@ -444,7 +485,7 @@ class _Handler(BaseHTTPRequestHandler):
             "retry-after": str(max(1, math.ceil(wait))),
             "retry-after-ms": str(math.ceil(wait * 1000)),
         }
-        limit = window.rpm if refused == "requests" else window.tpm
+        limit = window.requests if refused == "requests" else window.tokens
         message = (
             f"Rate limit reached for {request.model} on {refused} per {window.window:g}s: "
             f"Limit {limit}. Please try again in {_duration(wait)}."

@@ -88,7 +88,7 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 def test_rpm_is_enforced_with_openai_style_429s() -> None:
     import openai
 
-    with FakeLLMServer(rpm=3, window=1.0) as fake:
+    with FakeLLMServer(requests_per_window=3, window=1.0) as fake:
         client = fake.openai_client()
         for _ in range(3):
             response = client.chat.completions.with_raw_response.create(
@@ -112,7 +112,7 @@ def test_rpm_is_enforced_with_openai_style_429s() -> None:
 def test_tpm_counts_prompt_plus_max_tokens() -> None:
     import openai
 
-    with FakeLLMServer(tpm=100, window=1.0) as fake:
+    with FakeLLMServer(tokens_per_window=100, window=1.0) as fake:
         client = fake.openai_client()
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=80)
         with pytest.raises(openai.RateLimitError, match="tokens"):
@@ -134,7 +134,7 @@ def test_insufficient_quota_mode() -> None:
 def test_anthropic_style_limits_and_overload() -> None:
     import anthropic
 
-    with FakeLLMServer(rpm=1, window=1.0) as fake:
+    with FakeLLMServer(requests_per_window=1, window=1.0) as fake:
         client = fake.anthropic_client()
         request = {"model": "claude-3-5-haiku-latest", "max_tokens": 10, "messages": MESSAGES}
         raw = client.messages.with_raw_response.create(**request)
@@ -262,3 +262,87 @@ def test_chunks_arrive_as_they_are_sent() -> None:
     assert first.choices[0].delta.role == "assistant"
     assert first_after < 0.05  # not buffered until the end
     assert total >= 0.05 * (len(rest) - 1)
+
+
+CONCURRENT = 256
+
+
+def meeting_point(parties: int) -> Any:
+    """A reply that answers only once ``parties`` requests are inside the server at once."""
+    import threading
+
+    barrier = threading.Barrier(parties, timeout=20)
+
+    def reply(request: FakeRequest) -> str:
+        barrier.wait()  # breaks (and the request fails) if they were not all held at once
+        return "together"
+
+    return reply
+
+
+def test_carries_256_simultaneous_connections_through_the_sdk(flavour: str) -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    with FakeLLMServer(reply=meeting_point(CONCURRENT)) as fake:
+        request = {"model": "gpt-4o-mini", "messages": MESSAGES}
+
+        def outcome(call: Any) -> str:
+            try:
+                return str(call().choices[0].message.content)
+            except Exception as error:  # the count of each failure is the assertion
+                return type(error).__name__
+
+        if flavour == "sync":
+            client = fake.openai_client(timeout=30)
+            with ThreadPoolExecutor(CONCURRENT) as pool:
+                results = list(
+                    pool.map(
+                        lambda _: outcome(lambda: client.chat.completions.create(**request)),
+                        range(CONCURRENT),
+                    )
+                )
+        else:
+
+            async def main() -> list[str]:
+                aclient = fake.openai_client(async_client=True, timeout=30)
+
+                async def one() -> str:
+                    try:
+                        reply = await aclient.chat.completions.create(**request)
+                        return str(reply.choices[0].message.content)
+                    except Exception as error:
+                        return type(error).__name__
+
+                return await asyncio.gather(*(one() for _ in range(CONCURRENT)))
+
+            results = asyncio.run(main())
+        assert {r: results.count(r) for r in set(results)} == {"together": CONCURRENT}
+        assert fake.statuses == [200] * CONCURRENT
+        assert len(fake.requests) == CONCURRENT
+
+
+def test_stop_closes_kept_alive_connections(flavour: str) -> None:
+    import asyncio
+
+    import openai
+
+    fake = FakeLLMServer().start()
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    if flavour == "sync":
+        client = fake.openai_client()
+        client.chat.completions.create(**request)  # the connection stays in the pool
+        fake.stop()
+        with pytest.raises(openai.APIConnectionError):
+            client.chat.completions.create(**request)
+    else:
+
+        async def main() -> None:
+            aclient = fake.openai_client(async_client=True)
+            await aclient.chat.completions.create(**request)
+            fake.stop()
+            with pytest.raises(openai.APIConnectionError):
+                await aclient.chat.completions.create(**request)
+
+        asyncio.run(main())
+    assert fake.statuses == [200]
