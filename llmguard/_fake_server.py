@@ -155,9 +155,10 @@ class FakeLLMServer:
     ``quota_exhausted=True`` answers every request as an account out of money does: OpenAI's
     ``insufficient_quota`` 429, Anthropic's "credit balance is too low" 400.
     ``stream=True`` requests are answered with server-sent events in the provider's format
-    (OpenAI chunks, with a final usage chunk when ``stream_options={"include_usage": True}``;
-    Anthropic's message events with usage in ``message_start`` and ``message_delta``), one
-    word per chunk, ``chunk_delay`` seconds apart.
+    (OpenAI chunks, with ``"usage": null`` in each and a final usage chunk with ``choices:
+    []`` when ``stream_options={"include_usage": True}``; Anthropic's message events and
+    ``ping``, the input tokens in ``message_start`` and the cumulative totals in
+    ``message_delta``), one word per chunk, ``chunk_delay`` seconds apart.
     :meth:`fail_next`, :meth:`drop_next` and :meth:`slow_next` inject faults;
     :attr:`statuses` lists every status code answered.
 
@@ -375,7 +376,8 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     options: _Options
-    _limit_headers: dict[str, str]
+    _limit_headers: dict[str, str]  # these two are set per request
+    _request_id: str
     protocol_version = "HTTP/1.1"
     server_version = "llmguard-fake-llm/1"
 
@@ -389,8 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self.send_header("x-request-id", f"req_fake_{next(self.options.ids)}")
-        for name, value in {**getattr(self, "_limit_headers", {}), **(headers or {})}.items():
+        for name, value in {**self._common_headers(), **(headers or {})}.items():
             self.send_header(name, value)
         with self.options.lock:  # logged before the client can read it
             self.options.statuses.append(status)
@@ -401,6 +402,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _anthropic(self) -> bool:
         return self.path.rstrip("/").endswith("/messages")
 
+    def _common_headers(self) -> dict[str, str]:
+        """The request id (``request-id`` at Anthropic, ``x-request-id`` at OpenAI, as each
+        SDK reads it) and the rate-limit headers."""
+        name = "request-id" if self._anthropic else "x-request-id"
+        return {name: self._request_id, **self._limit_headers}
+
     def _error(
         self,
         status: int,
@@ -410,7 +417,11 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
     ) -> None:
         if self._anthropic:
-            payload: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+            payload: dict[str, Any] = {
+                "type": "error",
+                "error": {"type": kind, "message": message},
+                "request_id": self._request_id,
+            }
         else:
             payload = {"error": {"message": message, "type": kind, "param": None, "code": code}}
         self._send(status, payload, headers)
@@ -423,8 +434,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("x-request-id", f"req_fake_{next(self.options.ids)}")
-        for header, value in self._limit_headers.items():
+        for header, value in self._common_headers().items():
             self.send_header(header, value)
         self.end_headers()
         for number, (name, data) in enumerate(events):
@@ -441,16 +451,16 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {}
         if fault.retry_after is not None:
             headers["retry-after"] = f"{fault.retry_after:g}"
-            headers["retry-after-ms"] = str(int(fault.retry_after * 1000))
+            if not self._anthropic:  # Anthropic sends whole seconds only
+                headers["retry-after-ms"] = str(int(fault.retry_after * 1000))
         if fault.status == 429:
             kind = "rate_limit_error" if self._anthropic else "requests"
             self._error(429, "Rate limit reached (injected)", kind, "rate_limit_exceeded", headers)
         elif fault.status == 529:
             self._error(529, "Overloaded", "overloaded_error", None, headers)
         else:
-            self._error(
-                fault.status, f"Injected failure {fault.status}", "api_error", None, headers
-            )
+            kind = "api_error" if self._anthropic else "server_error"
+            self._error(fault.status, f"Injected failure {fault.status}", kind, None, headers)
 
     def _admit(self, request: FakeRequest, tokens: int) -> None:
         """Enforce RPM/TPM; raises _Refused after answering 429."""
@@ -481,10 +491,9 @@ class _Handler(BaseHTTPRequestHandler):
             }
         if refused is None:
             return
-        headers = {
-            "retry-after": str(max(1, math.ceil(wait))),
-            "retry-after-ms": str(math.ceil(wait * 1000)),
-        }
+        headers = {"retry-after": str(max(1, math.ceil(wait)))}
+        if not self._anthropic:
+            headers["retry-after-ms"] = str(math.ceil(wait * 1000))
         limit = window.requests if refused == "requests" else window.tokens
         message = (
             f"Rate limit reached for {request.model} on {refused} per {window.window:g}s: "
@@ -496,6 +505,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._limit_headers = {}  # one handler serves a whole keep-alive connection
+        self._request_id = f"req_fake_{next(self.options.ids)}"
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         try:
@@ -534,6 +544,13 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault is not None:
             self._fault(fault)
             return
+        if self.options.quota_exhausted and self._anthropic:
+            self._error(
+                400,
+                "Your credit balance is too low to access the Anthropic API. Please go to "
+                "Plans & Billing to upgrade or purchase credits.",
+            )
+            return
         if self.options.quota_exhausted:
             self._error(
                 429,
@@ -549,7 +566,7 @@ class _Handler(BaseHTTPRequestHandler):
         }
         route = routes.get(path)
         if route is None:
-            self._error(404, f"no such endpoint: {path}", "not_found_error")
+            self._error(404, f"Invalid URL (POST {path})")
             return
         try:
             route(request)
@@ -582,17 +599,26 @@ class _Handler(BaseHTTPRequestHandler):
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
         }
         if body.get("stream"):
-            base = {
+            base: dict[str, Any] = {
                 "id": f"chatcmpl-fake{n}",
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
                 "model": model,
+                "service_tier": "default",
                 "system_fingerprint": "fp_fake",
             }
-            deltas = [{"role": "assistant", "content": ""}] + [
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            if include_usage:  # then every chunk has "usage": null but the last one
+                base["usage"] = None
+            deltas = [{"role": "assistant", "content": "", "refusal": None}] + [
                 {"content": piece} for piece in _pieces(text)
             ]
             events: list[tuple[str | None, Any]] = [
@@ -618,7 +644,7 @@ class _Handler(BaseHTTPRequestHandler):
                     },
                 )
             )
-            if (body.get("stream_options") or {}).get("include_usage"):
+            if include_usage:
                 events.append((None, {**base, "choices": [], "usage": usage}))
             events.append((None, "[DONE]"))
             self._stream(events)
@@ -633,18 +659,18 @@ class _Handler(BaseHTTPRequestHandler):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "message": {
+                            "role": "assistant",
+                            "content": text,
+                            "refusal": None,
+                            "annotations": [],
+                        },
                         "finish_reason": "stop",
                         "logprobs": None,
                     }
                 ],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion,
-                    "total_tokens": prompt + completion,
-                    "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-                    "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
-                },
+                "usage": usage,
+                "service_tier": "default",
                 "system_fingerprint": "fp_fake",
             },
         )
@@ -697,12 +723,18 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("system"):
             messages.insert(0, {"role": "system", "content": _text(body["system"])})
         n, model, text, prompt, completion, cached = self._answer(request, messages)
+        counts = {  # input_tokens is the uncached part only
+            "input_tokens": prompt - cached,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached,
+        }
+        usage = {
+            **counts,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+            "output_tokens": completion,
+            "service_tier": "standard",
+        }
         if body.get("stream"):
-            usage = {
-                "input_tokens": prompt - cached,
-                "cache_read_input_tokens": cached,
-                "cache_creation_input_tokens": 0,
-            }
             message: dict[str, Any] = {
                 "id": f"msg_fake{n}",
                 "type": "message",
@@ -711,7 +743,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "content": [],
                 "stop_reason": None,
                 "stop_sequence": None,
-                "usage": {**usage, "output_tokens": 1},
+                "usage": {**usage, "output_tokens": 1},  # the input, and the first token
             }
             events: list[tuple[str | None, Any]] = [
                 ("message_start", {"type": "message_start", "message": message}),
@@ -723,6 +755,7 @@ class _Handler(BaseHTTPRequestHandler):
                         "content_block": {"type": "text", "text": ""},
                     },
                 ),
+                ("ping", {"type": "ping"}),
             ]
             events += [
                 (
@@ -742,7 +775,8 @@ class _Handler(BaseHTTPRequestHandler):
                     {
                         "type": "message_delta",
                         "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                        "usage": {"output_tokens": completion},
+                        # cumulative totals, the input's too (not increments)
+                        "usage": {**counts, "output_tokens": completion},
                     },
                 ),
                 ("message_stop", {"type": "message_stop"}),
@@ -759,11 +793,6 @@ class _Handler(BaseHTTPRequestHandler):
                 "content": [{"type": "text", "text": text}],
                 "stop_reason": "end_turn",
                 "stop_sequence": None,
-                "usage": {
-                    "input_tokens": prompt - cached,
-                    "output_tokens": completion,
-                    "cache_read_input_tokens": cached,
-                    "cache_creation_input_tokens": 0,
-                },
+                "usage": usage,
             },
         )
