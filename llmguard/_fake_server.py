@@ -155,7 +155,8 @@ class FakeLLMServer:
     ``quota_exhausted=True`` answers every request as an account out of money does: OpenAI's
     ``insufficient_quota`` 429, Anthropic's "credit balance is too low" 400.
     ``stream=True`` requests are answered with server-sent events in the provider's format
-    (OpenAI chunks, with ``"usage": null`` in each and a final usage chunk with ``choices:
+    (the Responses API's numbered events with the usage in ``response.completed``; chat
+    chunks, with ``"usage": null`` in each and a final usage chunk with ``choices:
     []`` when ``stream_options={"include_usage": True}``; Anthropic's message events and
     ``ping``, the input tokens in ``message_start`` and the cumulative totals in
     ``message_delta``), one word per chunk, ``chunk_delay`` seconds apart.
@@ -529,9 +530,6 @@ class _Handler(BaseHTTPRequestHandler):
         if not request.model:
             self._error(400, "model is required")
             return
-        if body.get("stream") and path == "/v1/responses":
-            self._error(400, "the fake server streams chat completions and messages, not responses")
-            return
         with self.options.lock:
             fault = self.options.faults.popleft() if self.options.faults else None
         if fault is not None and fault.kind == "drop":
@@ -684,34 +682,64 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("instructions"):
             messages.insert(0, {"role": "system", "content": body["instructions"]})
         n, model, text, prompt, completion, cached = self._answer(request, messages)
-        self._send(
-            200,
-            {
-                "id": f"resp_fake{n}",
-                "object": "response",
-                "created_at": int(time.time()),
-                "status": "completed",
-                "model": model,
-                "output": [
-                    {
-                        "type": "message",
-                        "id": f"msg_fake{n}",
-                        "status": "completed",
-                        "role": "assistant",
-                        "content": [{"type": "output_text", "text": text, "annotations": []}],
-                    }
-                ],
-                "parallel_tool_calls": True,
-                "tool_choice": "auto",
-                "tools": [],
-                "usage": {
-                    "input_tokens": prompt,
-                    "input_tokens_details": {"cached_tokens": cached},
-                    "output_tokens": completion,
-                    "output_tokens_details": {"reasoning_tokens": 0},
-                    "total_tokens": prompt + completion,
-                },
+        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+        item = {
+            "id": f"msg_fake{n}",
+            "type": "message",
+            "status": "completed",
+            "content": [part],
+            "role": "assistant",
+        }
+        response = {
+            "id": f"resp_fake{n}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": model,
+            "output": [item],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": {
+                "input_tokens": prompt,
+                "input_tokens_details": {"cached_tokens": cached},
+                "output_tokens": completion,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + completion,
             },
+        }
+        if not body.get("stream"):
+            self._send(200, response)
+            return
+        # The Responses API's events: the response in progress, the message item and its
+        # text part opened, the text deltas, everything closed, the usage in
+        # response.completed; numbered, and no [DONE] at the end.
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("response.created", {"response": started}),
+            ("response.in_progress", {"response": started}),
+            (
+                "response.output_item.added",
+                {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}},
+            ),
+            ("response.content_part.added", {**where, "part": {**part, "text": ""}}),
+        ]
+        events += [
+            ("response.output_text.delta", {**where, "delta": piece, "logprobs": []})
+            for piece in _pieces(text)
+        ]
+        events += [
+            ("response.output_text.done", {**where, "text": text, "logprobs": []}),
+            ("response.content_part.done", {**where, "part": part}),
+            ("response.output_item.done", {"output_index": 0, "item": item}),
+            ("response.completed", {"response": response}),
+        ]
+        self._stream(
+            [
+                (name, {"type": name, "sequence_number": number, **data})
+                for number, (name, data) in enumerate(events)
+            ]
         )
 
     def _messages(self, request: FakeRequest) -> None:

@@ -510,3 +510,48 @@ def test_chat_completion_is_shaped_as_the_api_sends_it(fake_llm: FakeLLMServer) 
         "accepted_prediction_tokens": 0,
         "rejected_prediction_tokens": 0,
     }
+
+
+def test_responses_api_streams_with_the_real_sdk(flavour: str) -> None:
+    import asyncio
+
+    request = {"model": "gpt-4o-mini", "input": "stream this answer", "max_output_tokens": 50}
+    with FakeLLMServer(cached_tokens=2) as fake:
+        wire = sse_events(f"{fake.openai_base_url}/responses", {**request, "stream": True})
+        if flavour == "sync":
+            client = fake.openai_client()
+            events = list(client.responses.create(**request, stream=True))
+            with client.responses.stream(**request) as stream:
+                final = stream.get_final_response()
+        else:
+
+            async def collect() -> tuple[list[Any], Any]:
+                aclient = fake.openai_client(async_client=True)
+                events = [e async for e in await aclient.responses.create(**request, stream=True)]
+                async with aclient.responses.stream(**request) as stream:
+                    return events, await stream.get_final_response()
+
+            events, final = asyncio.run(collect())
+    names = [name for name, _ in wire]
+    assert names[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert names[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [data["sequence_number"] for _, data in wire] == list(range(len(wire)))
+    assert wire[0][1]["response"]["usage"] is None
+    assert [type(e).__name__ for e in events][-1] == "ResponseCompletedEvent"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == final.output_text == "Fake reply about: stream this answer"
+    usage = events[-1].response.usage
+    assert usage == final.usage
+    assert usage.output_tokens == llmguard_count(text)
+    assert usage.input_tokens_details.cached_tokens == 2
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
