@@ -100,7 +100,9 @@ def run(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     from llmguard.testing import FakeLLMServer
 
     with (
-        FakeLLMServer(rpm=args.rpm, tpm=args.rpm * 1000, window=args.window) as fake,
+        FakeLLMServer(
+            requests_per_window=args.rpm, tokens_per_window=args.rpm * 1000, window=args.window
+        ) as fake,
         tempfile.TemporaryDirectory() as cache,
     ):
         context = multiprocessing.get_context("spawn")

@@ -21,7 +21,7 @@ RPM, WINDOW = (500, 60) if os.environ.get("OPENAI_API_KEY") else (20, 2)
 fake = (
     None
     if os.environ.get("OPENAI_API_KEY")
-    else FakeLLMServer(rpm=RPM, tpm=RPM * 2000, window=WINDOW).start()
+    else FakeLLMServer(requests_per_window=RPM, tokens_per_window=RPM * 2000, window=WINDOW).start()
 )
 client = llmguard.instrument(
     AsyncOpenAI(max_retries=0)

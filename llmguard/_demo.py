@@ -122,7 +122,7 @@ def run(
     def reply(request: Any) -> str:
         return f"Summary: {words}"
 
-    with FakeLLMServer(rpm=rpm, window=window, reply=reply) as fake:
+    with FakeLLMServer(requests_per_window=rpm, window=window, reply=reply) as fake:
         client = llmguard.instrument(
             openai.OpenAI(base_url=fake.openai_base_url, api_key="demo", max_retries=0)
         )

@@ -8,6 +8,7 @@ import bisect
 import json
 import math
 import re
+import socket
 import sys
 import threading
 import time
@@ -69,8 +70,8 @@ def default_reply(request: FakeRequest) -> str:
 class _Window:
     """The provider's own limits: a moving window of (time, tokens) per admitted request."""
 
-    def __init__(self, rpm: int | None, tpm: int | None, window: float) -> None:
-        self.rpm, self.tpm, self.window = rpm, tpm, window
+    def __init__(self, requests: int | None, tokens: int | None, window: float) -> None:
+        self.requests, self.tokens, self.window = requests, tokens, window
         self.log: list[tuple[float, int]] = []  # sorted by time
 
     def admit(self, tokens: int, now: float) -> tuple[str | None, float, dict[str, float]]:
@@ -78,14 +79,15 @@ class _Window:
         del self.log[: bisect.bisect_right(self.log, (now - self.window, float("inf")))]
         used = sum(t for _, t in self.log)
         refused, wait = None, 0.0
-        if self.rpm is not None and len(self.log) + 1 > self.rpm:
-            refused, wait = "requests", self.log[len(self.log) - self.rpm][0] + self.window - now
-        elif self.tpm is not None and used + tokens > self.tpm:
+        if self.requests is not None and len(self.log) + 1 > self.requests:
+            refused = "requests"
+            wait = self.log[len(self.log) - self.requests][0] + self.window - now
+        elif self.tokens is not None and used + tokens > self.tokens:
             refused, freed = "tokens", 0
             wait = self.window
             for at, spent in self.log:
                 freed += spent
-                if used - freed + tokens <= self.tpm:
+                if used - freed + tokens <= self.tokens:
                     wait = at + self.window - now
                     break
         if refused is None:  # requests are stamped on arrival, admitted a little later
@@ -93,8 +95,8 @@ class _Window:
             used += tokens
         oldest = self.log[0][0] + self.window - now if self.log else 0.0
         numbers = {
-            "remaining_requests": float(max((self.rpm or 0) - len(self.log), 0)),
-            "remaining_tokens": float(max((self.tpm or 0) - used, 0)),
+            "remaining_requests": float(max((self.requests or 0) - len(self.log), 0)),
+            "remaining_tokens": float(max((self.tokens or 0) - used, 0)),
             "reset": max(oldest, 0.0),
         }
         return refused, max(wait, 0.001), numbers
@@ -145,18 +147,26 @@ class FakeLLMServer:
     function of the request) delays every answer, ``cached_tokens`` (int or function)
     reports that many prompt tokens as served from the provider's prompt cache.
 
-    Limits and faults, as real providers have them: ``rpm`` / ``tpm`` are enforced over a
-    moving ``window`` (60 s by default; shorter in tests) with OpenAI-style 429s
+    Limits and faults, as real providers have them: ``requests_per_window`` and
+    ``tokens_per_window`` are counts admitted per moving ``window`` of seconds (60 by
+    default, so they are RPM and TPM; shorter in tests), refused with OpenAI-style 429s
     (``retry-after``, ``retry-after-ms``, ``x-ratelimit-*`` headers, ``code:
     rate_limit_exceeded``) or Anthropic-style ones (``anthropic-ratelimit-*``) on
     ``/v1/messages``; a request's tokens are its prompt plus ``max_tokens`` (or the reply).
-    ``quota_exhausted=True`` answers every request with OpenAI's ``insufficient_quota`` 429.
+    ``quota_exhausted=True`` answers every request as an account out of money does: OpenAI's
+    ``insufficient_quota`` 429, Anthropic's "credit balance is too low" 400.
     ``stream=True`` requests are answered with server-sent events in the provider's format
-    (OpenAI chunks, with a final usage chunk when ``stream_options={"include_usage": True}``;
-    Anthropic's message events with usage in ``message_start`` and ``message_delta``), one
-    word per chunk, ``chunk_delay`` seconds apart.
+    (the Responses API's numbered events with the usage in ``response.completed``; chat
+    chunks, with ``"usage": null`` in each and a final usage chunk with ``choices:
+    []`` when ``stream_options={"include_usage": True}``; Anthropic's message events and
+    ``ping``, the input tokens in ``message_start`` and the cumulative totals in
+    ``message_delta``), one word per chunk, ``chunk_delay`` seconds apart.
     :meth:`fail_next`, :meth:`drop_next` and :meth:`slow_next` inject faults;
     :attr:`statuses` lists every status code answered.
+
+    Each connection is served by its own thread and the listen backlog holds 1024 pending
+    connections, so hundreds of simultaneous clients are all answered; :meth:`stop` also
+    closes the connections clients keep alive.
     """
 
     def __init__(
@@ -165,8 +175,8 @@ class FakeLLMServer:
         reply: Callable[[FakeRequest], str] = default_reply,
         latency: float | Callable[[FakeRequest], float] = 0.0,
         cached_tokens: int | Callable[[FakeRequest], int] = 0,
-        rpm: int | None = None,
-        tpm: int | None = None,
+        requests_per_window: int | None = None,
+        tokens_per_window: int | None = None,
         window: float = 60.0,
         quota_exhausted: bool = False,
         chunk_delay: float = 0.0,
@@ -177,13 +187,13 @@ class FakeLLMServer:
             reply=reply,
             latency=latency,
             cached_tokens=cached_tokens,
-            limits=_Window(rpm, tpm, window),
+            limits=_Window(requests_per_window, tokens_per_window, window),
             quota_exhausted=quota_exhausted,
             chunk_delay=chunk_delay,
         )
         self._host = host
         self._port = port
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -192,7 +202,6 @@ class FakeLLMServer:
             return self
         handler = type("Handler", (_Handler,), {"options": self._options})
         server = _Server((self._host, self._port), handler)
-        server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever,
@@ -204,8 +213,10 @@ class FakeLLMServer:
         return self
 
     def stop(self) -> None:
+        """Stop accepting, close every open connection (kept-alive ones too), free the port."""
         if self._server is not None:
             self._server.shutdown()
+            self._server.close_connections()
             self._server.server_close()
             self._server = None
         if self._thread is not None:
@@ -325,6 +336,38 @@ class _Answer(NamedTuple):
 
 
 class _Server(ThreadingHTTPServer):
+    """One daemon thread per connection; the open connections are known, to close them."""
+
+    daemon_threads = True
+    # socketserver listens with a backlog of 5: a burst of connections beyond what the
+    # accept loop takes in at once was refused or reset (53 of 100 simultaneous requests)
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End every open connection: its handler reads EOF and its thread returns."""
+        with self._open_lock:
+            open_now = list(self._open)
+        for connection in open_now:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the client
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
             return  # the client gave up (a timeout test): nothing to report
@@ -333,7 +376,8 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     options: _Options
-    _limit_headers: dict[str, str]
+    _limit_headers: dict[str, str]  # these two are set per request
+    _request_id: str
     protocol_version = "HTTP/1.1"
     server_version = "llmguard-fake-llm/1"
 
@@ -347,8 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self.send_header("x-request-id", f"req_fake_{next(self.options.ids)}")
-        for name, value in {**getattr(self, "_limit_headers", {}), **(headers or {})}.items():
+        for name, value in {**self._common_headers(), **(headers or {})}.items():
             self.send_header(name, value)
         with self.options.lock:  # logged before the client can read it
             self.options.statuses.append(status)
@@ -359,6 +402,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _anthropic(self) -> bool:
         return self.path.rstrip("/").endswith("/messages")
 
+    def _common_headers(self) -> dict[str, str]:
+        """The request id (``request-id`` at Anthropic, ``x-request-id`` at OpenAI, as each
+        SDK reads it) and the rate-limit headers."""
+        name = "request-id" if self._anthropic else "x-request-id"
+        return {name: self._request_id, **self._limit_headers}
+
     def _error(
         self,
         status: int,
@@ -368,7 +417,11 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
     ) -> None:
         if self._anthropic:
-            payload: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+            payload: dict[str, Any] = {
+                "type": "error",
+                "error": {"type": kind, "message": message},
+                "request_id": self._request_id,
+            }
         else:
             payload = {"error": {"message": message, "type": kind, "param": None, "code": code}}
         self._send(status, payload, headers)
@@ -381,8 +434,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("x-request-id", f"req_fake_{next(self.options.ids)}")
-        for header, value in self._limit_headers.items():
+        for header, value in self._common_headers().items():
             self.send_header(header, value)
         self.end_headers()
         for number, (name, data) in enumerate(events):
@@ -399,21 +451,21 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {}
         if fault.retry_after is not None:
             headers["retry-after"] = f"{fault.retry_after:g}"
-            headers["retry-after-ms"] = str(int(fault.retry_after * 1000))
+            if not self._anthropic:  # Anthropic sends whole seconds only
+                headers["retry-after-ms"] = str(int(fault.retry_after * 1000))
         if fault.status == 429:
             kind = "rate_limit_error" if self._anthropic else "requests"
             self._error(429, "Rate limit reached (injected)", kind, "rate_limit_exceeded", headers)
         elif fault.status == 529:
             self._error(529, "Overloaded", "overloaded_error", None, headers)
         else:
-            self._error(
-                fault.status, f"Injected failure {fault.status}", "api_error", None, headers
-            )
+            kind = "api_error" if self._anthropic else "server_error"
+            self._error(fault.status, f"Injected failure {fault.status}", kind, None, headers)
 
     def _admit(self, request: FakeRequest, tokens: int) -> None:
         """Enforce RPM/TPM; raises _Refused after answering 429."""
         window = self.options.limits
-        if window.rpm is None and window.tpm is None:
+        if window.requests is None and window.tokens is None:
             return
         with self.options.lock:
             refused, wait, numbers = window.admit(tokens, request.at)  # at arrival, as providers do
@@ -421,29 +473,28 @@ class _Handler(BaseHTTPRequestHandler):
         if self._anthropic:
             at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + numbers["reset"]))
             self._limit_headers = {
-                "anthropic-ratelimit-requests-limit": str(window.rpm or 0),
+                "anthropic-ratelimit-requests-limit": str(window.requests or 0),
                 "anthropic-ratelimit-requests-remaining": str(int(numbers["remaining_requests"])),
                 "anthropic-ratelimit-requests-reset": at,
-                "anthropic-ratelimit-tokens-limit": str(window.tpm or 0),
+                "anthropic-ratelimit-tokens-limit": str(window.tokens or 0),
                 "anthropic-ratelimit-tokens-remaining": str(int(numbers["remaining_tokens"])),
                 "anthropic-ratelimit-tokens-reset": at,
             }
         else:
             self._limit_headers = {
-                "x-ratelimit-limit-requests": str(window.rpm or 0),
+                "x-ratelimit-limit-requests": str(window.requests or 0),
                 "x-ratelimit-remaining-requests": str(int(numbers["remaining_requests"])),
                 "x-ratelimit-reset-requests": reset,
-                "x-ratelimit-limit-tokens": str(window.tpm or 0),
+                "x-ratelimit-limit-tokens": str(window.tokens or 0),
                 "x-ratelimit-remaining-tokens": str(int(numbers["remaining_tokens"])),
                 "x-ratelimit-reset-tokens": reset,
             }
         if refused is None:
             return
-        headers = {
-            "retry-after": str(max(1, math.ceil(wait))),
-            "retry-after-ms": str(math.ceil(wait * 1000)),
-        }
-        limit = window.rpm if refused == "requests" else window.tpm
+        headers = {"retry-after": str(max(1, math.ceil(wait)))}
+        if not self._anthropic:
+            headers["retry-after-ms"] = str(math.ceil(wait * 1000))
+        limit = window.requests if refused == "requests" else window.tokens
         message = (
             f"Rate limit reached for {request.model} on {refused} per {window.window:g}s: "
             f"Limit {limit}. Please try again in {_duration(wait)}."
@@ -454,6 +505,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._limit_headers = {}  # one handler serves a whole keep-alive connection
+        self._request_id = f"req_fake_{next(self.options.ids)}"
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         try:
@@ -477,9 +529,6 @@ class _Handler(BaseHTTPRequestHandler):
         if not request.model:
             self._error(400, "model is required")
             return
-        if body.get("stream") and path == "/v1/responses":
-            self._error(400, "the fake server streams chat completions and messages, not responses")
-            return
         with self.options.lock:
             fault = self.options.faults.popleft() if self.options.faults else None
         if fault is not None and fault.kind == "drop":
@@ -491,6 +540,13 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(fault.seconds)
         elif fault is not None:
             self._fault(fault)
+            return
+        if self.options.quota_exhausted and self._anthropic:
+            self._error(
+                400,
+                "Your credit balance is too low to access the Anthropic API. Please go to "
+                "Plans & Billing to upgrade or purchase credits.",
+            )
             return
         if self.options.quota_exhausted:
             self._error(
@@ -507,7 +563,7 @@ class _Handler(BaseHTTPRequestHandler):
         }
         route = routes.get(path)
         if route is None:
-            self._error(404, f"no such endpoint: {path}", "not_found_error")
+            self._error(404, f"Invalid URL (POST {path})")
             return
         try:
             route(request)
@@ -540,17 +596,26 @@ class _Handler(BaseHTTPRequestHandler):
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
         }
         if body.get("stream"):
-            base = {
+            base: dict[str, Any] = {
                 "id": f"chatcmpl-fake{n}",
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
                 "model": model,
+                "service_tier": "default",
                 "system_fingerprint": "fp_fake",
             }
-            deltas = [{"role": "assistant", "content": ""}] + [
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            if include_usage:  # then every chunk has "usage": null but the last one
+                base["usage"] = None
+            deltas = [{"role": "assistant", "content": "", "refusal": None}] + [
                 {"content": piece} for piece in _pieces(text)
             ]
             events: list[tuple[str | None, Any]] = [
@@ -576,7 +641,7 @@ class _Handler(BaseHTTPRequestHandler):
                     },
                 )
             )
-            if (body.get("stream_options") or {}).get("include_usage"):
+            if include_usage:
                 events.append((None, {**base, "choices": [], "usage": usage}))
             events.append((None, "[DONE]"))
             self._stream(events)
@@ -591,18 +656,18 @@ class _Handler(BaseHTTPRequestHandler):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "message": {
+                            "role": "assistant",
+                            "content": text,
+                            "refusal": None,
+                            "annotations": [],
+                        },
                         "finish_reason": "stop",
                         "logprobs": None,
                     }
                 ],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion,
-                    "total_tokens": prompt + completion,
-                    "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-                    "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
-                },
+                "usage": usage,
+                "service_tier": "default",
                 "system_fingerprint": "fp_fake",
             },
         )
@@ -616,34 +681,64 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("instructions"):
             messages.insert(0, {"role": "system", "content": body["instructions"]})
         n, model, text, prompt, completion, cached = self._answer(request, messages)
-        self._send(
-            200,
-            {
-                "id": f"resp_fake{n}",
-                "object": "response",
-                "created_at": int(time.time()),
-                "status": "completed",
-                "model": model,
-                "output": [
-                    {
-                        "type": "message",
-                        "id": f"msg_fake{n}",
-                        "status": "completed",
-                        "role": "assistant",
-                        "content": [{"type": "output_text", "text": text, "annotations": []}],
-                    }
-                ],
-                "parallel_tool_calls": True,
-                "tool_choice": "auto",
-                "tools": [],
-                "usage": {
-                    "input_tokens": prompt,
-                    "input_tokens_details": {"cached_tokens": cached},
-                    "output_tokens": completion,
-                    "output_tokens_details": {"reasoning_tokens": 0},
-                    "total_tokens": prompt + completion,
-                },
+        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+        item = {
+            "id": f"msg_fake{n}",
+            "type": "message",
+            "status": "completed",
+            "content": [part],
+            "role": "assistant",
+        }
+        response = {
+            "id": f"resp_fake{n}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": model,
+            "output": [item],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": {
+                "input_tokens": prompt,
+                "input_tokens_details": {"cached_tokens": cached},
+                "output_tokens": completion,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + completion,
             },
+        }
+        if not body.get("stream"):
+            self._send(200, response)
+            return
+        # The Responses API's events: the response in progress, the message item and its
+        # text part opened, the text deltas, everything closed, the usage in
+        # response.completed; numbered, and no [DONE] at the end.
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("response.created", {"response": started}),
+            ("response.in_progress", {"response": started}),
+            (
+                "response.output_item.added",
+                {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}},
+            ),
+            ("response.content_part.added", {**where, "part": {**part, "text": ""}}),
+        ]
+        events += [
+            ("response.output_text.delta", {**where, "delta": piece, "logprobs": []})
+            for piece in _pieces(text)
+        ]
+        events += [
+            ("response.output_text.done", {**where, "text": text, "logprobs": []}),
+            ("response.content_part.done", {**where, "part": part}),
+            ("response.output_item.done", {"output_index": 0, "item": item}),
+            ("response.completed", {"response": response}),
+        ]
+        self._stream(
+            [
+                (name, {"type": name, "sequence_number": number, **data})
+                for number, (name, data) in enumerate(events)
+            ]
         )
 
     def _messages(self, request: FakeRequest) -> None:
@@ -655,12 +750,18 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("system"):
             messages.insert(0, {"role": "system", "content": _text(body["system"])})
         n, model, text, prompt, completion, cached = self._answer(request, messages)
+        counts = {  # input_tokens is the uncached part only
+            "input_tokens": prompt - cached,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached,
+        }
+        usage = {
+            **counts,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+            "output_tokens": completion,
+            "service_tier": "standard",
+        }
         if body.get("stream"):
-            usage = {
-                "input_tokens": prompt - cached,
-                "cache_read_input_tokens": cached,
-                "cache_creation_input_tokens": 0,
-            }
             message: dict[str, Any] = {
                 "id": f"msg_fake{n}",
                 "type": "message",
@@ -669,7 +770,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "content": [],
                 "stop_reason": None,
                 "stop_sequence": None,
-                "usage": {**usage, "output_tokens": 1},
+                "usage": {**usage, "output_tokens": 1},  # the input, and the first token
             }
             events: list[tuple[str | None, Any]] = [
                 ("message_start", {"type": "message_start", "message": message}),
@@ -681,6 +782,7 @@ class _Handler(BaseHTTPRequestHandler):
                         "content_block": {"type": "text", "text": ""},
                     },
                 ),
+                ("ping", {"type": "ping"}),
             ]
             events += [
                 (
@@ -700,7 +802,8 @@ class _Handler(BaseHTTPRequestHandler):
                     {
                         "type": "message_delta",
                         "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                        "usage": {"output_tokens": completion},
+                        # cumulative totals, the input's too (not increments)
+                        "usage": {**counts, "output_tokens": completion},
                     },
                 ),
                 ("message_stop", {"type": "message_stop"}),
@@ -717,11 +820,6 @@ class _Handler(BaseHTTPRequestHandler):
                 "content": [{"type": "text", "text": text}],
                 "stop_reason": "end_turn",
                 "stop_sequence": None,
-                "usage": {
-                    "input_tokens": prompt - cached,
-                    "output_tokens": completion,
-                    "cache_read_input_tokens": cached,
-                    "cache_creation_input_tokens": 0,
-                },
+                "usage": usage,
             },
         )
