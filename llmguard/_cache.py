@@ -164,6 +164,7 @@ class _CacheLayer:
         self.ttl = ttl
         self.key_fn = None if key is None else UserFunction(key, "cached", "key")
         self.arguments = None if key is None else Binder(target)  # key= sees them all
+        self.key_by_name = self.key_fn is not None and self.key_fn.by_name(self.binder.names)
         self.cache_if = cache_if
         self.stale_if_error = stale_if_error
         self.stale_ttl = stale_ttl
@@ -188,9 +189,13 @@ class _CacheLayer:
         """The entry key of a call: its arguments (or ``key=``'s value) and the per-call
         options that change the answer (``critical``), which no argument shows."""
         if self.key_fn is not None:
-            assert self.arguments is not None
-            bound = self.arguments.bind(args, kwargs)  # TypeError: the call does not fit
-            material = canonical({"key": self.key_fn.call_bound(bound)})
+            if self.key_by_name:
+                assert self.arguments is not None
+                bound = self.arguments.bind(args, kwargs)  # TypeError: the call does not fit
+                value = self.key_fn.call_bound(bound)
+            else:
+                value = self.key_fn.call_with(args, kwargs)
+            material = canonical({"key": value})
         else:
             material = canonical(self.binder.bind(args, kwargs))
         h = self._hasher.copy()

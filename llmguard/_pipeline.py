@@ -26,7 +26,7 @@ import functools
 import inspect
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Generator, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from random import getrandbits
@@ -479,16 +479,18 @@ class CallRecord:
 
 class UserFunction:
     """A function the user gives a decorator (``key=``, ``when=``), called with the call's
-    arguments *by name* (see :meth:`CallRecord.bound_arguments`).
+    arguments *by name* (see :meth:`CallRecord.bound_arguments`) when the parameters it
+    requires are the decorated function's own.
 
-    It receives only the parameters it names, or all of them if it takes ``**kwargs``
+    It then receives only the parameters it names, or all of them if it takes ``**kwargs``
     (``lambda user, **_: user`` and ``lambda user: user`` both work on ``research("alice",
-    "q")``); one taking ``*args`` (or positional-only parameters) gets the call's arguments
-    as they were passed. An exception it raises is re-raised as :class:`ConfigurationError`
-    naming the decorator and the option, with the original chained.
+    "q")``). One that requires other names (``lambda q, **_: ...``), takes ``*args`` or has
+    positional-only parameters gets the call's arguments as they were passed. An exception
+    it raises is re-raised as :class:`ConfigurationError` naming the decorator and the
+    option, with the original chained.
     """
 
-    __slots__ = ("decorator", "fn", "names", "option", "raw")
+    __slots__ = ("_modes", "decorator", "fn", "names", "option", "positional", "required")
 
     def __init__(self, fn: Callable[..., Any], decorator: str, option: str) -> None:
         if not callable(fn):
@@ -497,21 +499,34 @@ class UserFunction:
         self.decorator = decorator
         self.option = option
         self.names: frozenset[str] | None = None  # None: every argument
-        self.raw = False
+        self.required: frozenset[str] = frozenset()
+        self.positional = False
+        self._modes: dict[FunctionSpec, bool] = {}
         try:
             params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):  # a builtin: give it the arguments as passed
-            self.raw = True
+            self.positional = True
             return
         if any(p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY) for p in params):
-            self.raw = True  # it wants positions: give it the call as it was made
-        elif not any(p.kind is p.VAR_KEYWORD for p in params):
+            self.positional = True  # it wants positions: give it the call as it was made
+            return
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
             self.names = frozenset(p.name for p in params)
+        self.required = frozenset(
+            p.name for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD
+        )
+
+    def by_name(self, parameters: Collection[str]) -> bool:
+        """Whether it is given the arguments by name for a function with ``parameters``."""
+        return not self.positional and self.required.issubset(parameters)
 
     def __call__(self, call: CallRecord) -> Any:
-        if self.raw:
-            return self.call_with(call.args, call.kwargs)
-        return self.call_bound(call.bound_arguments())
+        mode = self._modes.get(call.spec)
+        if mode is None:
+            mode = self._modes[call.spec] = self.by_name(call.spec.params)
+        if mode:
+            return self.call_bound(call.bound_arguments())
+        return self.call_with(call.args, call.kwargs)
 
     def call_bound(self, bound: Mapping[str, Any]) -> Any:
         """Call it with ``bound`` (arguments by name)."""
@@ -525,8 +540,9 @@ class UserFunction:
         except Exception as exc:
             raise ConfigurationError(
                 f"@{self.decorator}({self.option}=...) raised {type(exc).__name__}: {exc}. It "
-                "is called with the call's arguments by name (only those it names, or all of "
-                "them if it takes **kwargs), e.g. lambda user, **_: user"
+                "is called with the call's arguments by name when the parameters it requires "
+                "are the function's (only those it names, or all of them if it takes "
+                "**kwargs), e.g. lambda user, **_: user"
             ) from exc
 
 

@@ -379,7 +379,7 @@ def test_budget_and_rate_limit_keys_get_arguments_by_name(tmp_path: Path) -> Non
 
 
 def test_a_failing_key_function_names_its_decorator_and_option() -> None:
-    @llmguard.budget(usd="1", key=lambda tenant: tenant.upper())
+    @llmguard.budget(usd="1", key=lambda user: user["id"])
     def ask(user: str, model: str = "gpt-4o") -> str:
         return "ok"
 
@@ -406,8 +406,23 @@ def test_when_gets_arguments_by_name_and_star_args_get_them_as_passed() -> None:
     def named(text: str, *, model: str = "gpt-4o") -> str:
         return model
 
+    @llmguard.route_model("gpt-4o", cheap="gpt-4o-mini", when=lambda q, **_: q == "x")
+    def other_names(text: str, *, model: str = "gpt-4o") -> str:
+        return model
+
     assert named(text="x") == "gpt-4o-mini"
     assert raw("x") == "gpt-4o-mini"
+    assert other_names("x") == "gpt-4o-mini"  # names that are not the function's: as passed
+
+
+def test_cache_key_functions_get_arguments_by_name() -> None:
+    @llmguard.cached(key=lambda question: question.lower())
+    def ask(user: str, question: str) -> str:
+        return f"{user}: {question}"
+
+    assert ask("alice", "Hello") == "alice: Hello"
+    assert ask("bob", "HELLO") == "alice: Hello"  # the same key
+    assert ask.cache_key("x", "hello") == ask.cache_key(question="HELLO", user="y")
 
 
 # -- a budget that cannot take the default model's worst case downgrades ---------------------
