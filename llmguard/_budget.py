@@ -163,9 +163,13 @@ class BudgetDefinition:
             return None
 
     def describe(self) -> str:
-        per = self.period if isinstance(self.period, str) else f"timedelta({self.period})"
+        per = (
+            repr(self.period)
+            if isinstance(self.period, str)
+            else f"timedelta(seconds={self.period.total_seconds():g})"
+        )
         keyed = ", per key" if self.keyed else ""
-        return f"usd={self.limit}, per={per!r}, tz={self.tz.key!r}{keyed}"
+        return f"usd={self.limit}, per={per}, tz={self.tz.key!r}{keyed}"
 
     def window(
         self, timestamp: float
@@ -262,7 +266,8 @@ class _BudgetLayer:
         self._published: set[str] = set()  # budget names whose definition is stored
         # The learned floors, per (budget, function, model): see _learn.
         self._floors: dict[tuple[str, str, str | None], int] = {}
-        self._probes: set[tuple[str, str, str | None]] = set()
+        self._probes: dict[tuple[str, str, str | None], CallRecord] = {}
+        self._floors_read: set[tuple[str, str, str | None]] = set()
         self._floor_lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------
@@ -605,22 +610,27 @@ class _BudgetLayer:
             floor = self._floors.get(slot)
         if floor is not None:
             return floor, None
-        load = functools.partial(self._load_floor, slot)
-        try:
-            (yield Blocking(load)) if self._remote else load()
-        except StorageError:
-            pass  # the reservation will meet the same error and handle it
+        if slot not in self._floors_read:  # once per process: the ledger's floor, if any
+            self._floors_read.add(slot)
+            load = functools.partial(self._load_floor, slot)
+            try:
+                (yield Blocking(load)) if self._remote else load()
+            except StorageError:
+                pass  # the reservation will meet the same error and handle it
         waited, pause = 0.0, _FIRST_POLL
         while True:
             with self._floor_lock:
                 floor = self._floors.get(slot)
                 if floor is not None:
                     return floor, None
-                if call.spec.prompt is not None or waited >= self.reservation_ttl:
-                    return 0, None
-                if slot not in self._probes:
-                    self._probes.add(slot)
+                if call.spec.prompt is not None:
+                    return 0, None  # its prompt is declared: its estimate can be trusted
+                probe = self._probes.get(slot)
+                if probe is None:
+                    self._probes[slot] = call
                     return 0, slot
+                if waited >= self.reservation_ttl or _inside(call, probe):
+                    return 0, None  # (a call made inside the first one cannot wait for it)
             yield Sleep(pause, sleep=self.sleep, async_sleep=self.async_sleep)
             waited += pause
             pause = min(pause * 2, _MAX_POLL)
@@ -633,7 +643,7 @@ class _BudgetLayer:
 
     def _end_probe(self, slot: tuple[str, str, str | None]) -> None:
         with self._floor_lock:
-            self._probes.discard(slot)
+            self._probes.pop(slot, None)
 
     def _settle_and_learn(
         self,
@@ -695,6 +705,16 @@ class _BudgetLayer:
             return
         with self._floor_lock:
             self._floors[slot] = max(self._floors.get(slot, 0), stored)
+
+
+def _inside(call: CallRecord, outer: CallRecord) -> bool:
+    """Whether ``call`` is made (directly or not) inside ``outer``."""
+    parent = call.parent
+    while parent is not None:
+        if parent is outer:
+            return True
+        parent = parent.parent
+    return False
 
 
 def _run_inline(steps: Generator[Any, Any, Any]) -> Any:

@@ -207,19 +207,25 @@ class DocLedger:
         with _wrapped(self.storage.uri, "status"):
             return self._load(key).get("limit")
 
+    def _floors(self, name: str) -> dict[str, Any]:
+        raw = self.storage.get(FLOOR_PREFIX + encode_part(name))
+        try:
+            doc = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}  # not written by us: start afresh
+        return doc if isinstance(doc, dict) else {}
+
     def floor(self, name: str, field: str) -> int | None:
         """The largest cost seen of calls ``field`` (function and model) of budget ``name``."""
         with _wrapped(self.storage.uri, "floor"):
-            raw = self.storage.get(FLOOR_PREFIX + encode_part(name))
-        value = json.loads(raw).get(field) if raw else None
+            value = self._floors(name).get(field)
         return value if isinstance(value, int) else None
 
     def raise_floor(self, name: str, field: str, cost: int) -> int:
         """Make that floor at least ``cost``; returns it."""
         key = FLOOR_PREFIX + encode_part(name)
         with _wrapped(self.storage.uri, "floor"), self.storage.atomic():
-            raw = self.storage.get(key)
-            doc = json.loads(raw) if raw else {}
+            doc = self._floors(name)
             if not isinstance(doc.get(field), int) or doc[field] < cost:
                 doc[field] = cost
                 self.storage.set(key, json.dumps(doc).encode())
@@ -285,7 +291,7 @@ return {redis.call('HGET', KEYS[1], 'spent') or '0', string.format('%.0f', held)
 
 
 _RAISE_FLOOR = """
-local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '') or -1
 if current < tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   return ARGV[2]
@@ -349,7 +355,7 @@ class RedisLedger:
         """The largest cost seen of calls ``field`` (function and model) of budget ``name``."""
         with _wrapped(self.storage.uri, "floor"):
             value = self.storage.client.hget(FLOOR_PREFIX + encode_part(name), field)
-        return None if value is None else int(value)
+        return int(value) if value is not None and value.isdigit() else None
 
     def raise_floor(self, name: str, field: str, cost: int) -> int:
         """Make that floor at least ``cost``; returns it."""

@@ -493,6 +493,33 @@ def test_names_and_keys_never_share_a_ledger(backend: str) -> None:
     }
 
 
+def test_ledger_keys_round_trip_and_never_collide() -> None:
+    from llmguard._ledger import ledger_key, ledger_prefix, parse_ledger_key
+
+    texts = ["", "-", "=", "a", "a:b", "a%3Ab", "%", "100%", "%25", ":", "a:-", "é *?[]"]
+    built = {}
+    for name in texts:
+        for key in [None, *texts]:
+            text = ledger_key(name, key, "total")
+            assert text.count(":") == 4  # llmguard:budget:<name>:<key>:<window>
+            parsed = parse_ledger_key(text)
+            assert parsed is not None
+            assert (parsed.name, parsed.key, parsed.window) == (name, key, "total")
+            assert text.startswith(ledger_prefix(name, key))
+            built[text] = (name, key)
+    assert len(built) == len(texts) * (len(texts) + 1)
+    for text, (name, key) in built.items():  # a prefix selects exactly its own ledgers
+        assert [t for t in built if t.startswith(ledger_prefix(name, key))] == [text]
+    for foreign in (
+        "llmguard:budget:team:bob:20260101T000000",  # the old format of a keyed budget
+        "llmguard:budget:a:b:-:total",  # the old format of a name with ':'
+        "llmguard:budget:50%:-:total",
+        "llmguard:budget:team:-:total:alert:0.5",
+        "llmguard:budget:team:-:yesterday",
+    ):
+        assert parse_ledger_key(foreign) is None
+
+
 def test_cli_reads_and_resets_exactly_one_key(
     backend: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -507,7 +534,8 @@ def test_cli_reads_and_resets_exactly_one_key(
     ask("bob:x")
     # Ledgers in the format of earlier versions (and foreign keys) are skipped, not misread.
     storage = llmguard.open_storage(backend)
-    for old in ("llmguard:budget:crew:carol:20260101T000000", "llmguard:budget:crew:%zz:-:total"):
+    today = datetime.now(timezone.utc).strftime("%Y%m%dT000000")
+    for old in (f"llmguard:budget:crew:carol:{today}", f"llmguard:budget:crew:x:y:{today}"):
         storage.set(old, b'{"spent": 5, "res": {}}')
     capsys.readouterr()
     assert main(["budget", "status", "crew", "--storage", backend, "--format", "json"]) == 0
@@ -567,13 +595,25 @@ def test_a_different_stored_definition_is_replaced_with_a_warning(
 # -- calls in flight: on_exceed="wait" ------------------------------------------------------
 
 
-def in_parallel(fn: Any, args: list[Any]) -> list[Any]:
-    """Call ``fn(arg)`` for every arg at once (threads, or one asyncio.gather): results or
-    the exceptions raised, in order."""
+def in_parallel(fn: Any, args: list[Any], on_outcome: Any = None) -> list[Any]:
+    """Call ``fn(arg)`` for every arg at once (threads, or tasks of one event loop): the
+    results or the exceptions raised, in order; ``on_outcome(outcome)`` as each ends."""
+
+    def ended(outcome: Any) -> Any:
+        if on_outcome is not None:
+            on_outcome(outcome)
+        return outcome
+
     if asyncio.iscoroutinefunction(fn):
 
+        async def one_task(arg: Any) -> Any:
+            try:
+                return ended(await fn(arg))
+            except Exception as exc:
+                return ended(exc)
+
         async def main() -> list[Any]:
-            return await asyncio.gather(*(fn(a) for a in args), return_exceptions=True)
+            return await asyncio.gather(*(one_task(a) for a in args))
 
         return asyncio.run(main())
     outcomes: list[Any] = [None] * len(args)
@@ -582,9 +622,9 @@ def in_parallel(fn: Any, args: list[Any]) -> list[Any]:
     def one(i: int) -> None:
         start.wait()
         try:
-            outcomes[i] = fn(args[i])
+            outcomes[i] = ended(fn(args[i]))
         except Exception as exc:
-            outcomes[i] = exc
+            outcomes[i] = ended(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(args))]
     for thread in threads:
@@ -594,13 +634,14 @@ def in_parallel(fn: Any, args: list[Any]) -> list[Any]:
     return outcomes
 
 
-def worst_case_spender(flavour: str, **options: Any) -> Any:
-    """Reserves $0.0030025 (300 output tokens on gpt-4o), spends $0.000425, in 50 ms."""
+def worst_case_spender(flavour: str, release: threading.Event, **options: Any) -> Any:
+    """Reserves $0.0030025 (300 output tokens on gpt-4o) and spends $0.000425, once
+    ``release`` is set (at most 10 s later)."""
     if flavour == "sync":
 
         @llmguard.budget(prompt=lambda text, **_: text, **options)
         def ask(text: str, max_tokens: int = 300, model: str = "gpt-4o") -> str:
-            time.sleep(0.05)
+            release.wait(10)
             llmguard.record_usage(10, 40)
             return "ok"
 
@@ -608,7 +649,9 @@ def worst_case_spender(flavour: str, **options: Any) -> Any:
 
         @llmguard.budget(prompt=lambda text, **_: text, **options)
         async def ask(text: str, max_tokens: int = 300, model: str = "gpt-4o") -> str:  # type: ignore[misc]
-            await asyncio.sleep(0.05)
+            deadline = time.monotonic() + 10
+            while not release.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
             llmguard.record_usage(10, 40)
             return "ok"
 
@@ -616,18 +659,29 @@ def worst_case_spender(flavour: str, **options: Any) -> Any:
 
 
 def test_calls_in_flight_are_not_spend(flavour: str, backend: str) -> None:
-    ask = worst_case_spender(flavour, usd="0.01", name=f"burst-{flavour}", storage=backend)
-    outcomes = in_parallel(ask, ["x"] * 10)
-    refused = [o for o in outcomes if isinstance(o, llmguard.BudgetExceeded)]
+    release = threading.Event()
+    refused: list[llmguard.BudgetExceeded] = []
+
+    def count(outcome: Any) -> None:
+        if isinstance(outcome, llmguard.BudgetExceeded):
+            refused.append(outcome)
+            if len(refused) == 7:
+                release.set()  # the three calls in flight may end
+
+    ask = worst_case_spender(flavour, release, usd="0.01", name=f"burst-{flavour}", storage=backend)
+    in_parallel(ask, ["x"] * 10, count)
     assert len(refused) == 7  # three worst cases fit in $0.01, though each spends $0.000425
     message = str(refused[0])
     assert "spent $0 (settled), $0.0090075 reserved by calls in flight" in message
     assert "it would fit once the calls in flight settle: @budget(on_exceed='wait')" in message
     assert (refused[0].spent_usd, refused[0].reserved_usd) == (0, Decimal("0.0090075"))
 
+    release.clear()
     patient = worst_case_spender(
-        flavour, usd="0.01", name=f"queue-{flavour}", storage=backend, on_exceed="wait"
+        flavour, release, usd="0.01", name=f"queue-{flavour}", storage=backend, on_exceed="wait"
     )
+    timer = threading.Timer(0.05, release.set)  # the first three calls take 50 ms or more
+    timer.start()
     assert in_parallel(patient, ["x"] * 10) == ["ok"] * 10
     status = patient.budget_status()
     assert (status.spent_usd, status.reserved_usd) == (Decimal("0.00425"), 0)
@@ -751,3 +805,22 @@ def test_other_processes_start_from_the_learned_floor(backend: str) -> None:
         second("doc-2")
     assert info.value.estimate_usd == HIDDEN_COST
     assert second.budget_status().spent_usd == HIDDEN_COST
+
+
+def test_a_first_call_may_call_its_own_function(flavour: str, backend: str) -> None:
+    # The first call of a function runs alone; a call of it made inside must not wait for it.
+    if flavour == "sync":
+
+        @llmguard.budget(usd="1", name="recursive", storage=backend, reservation_ttl=30)
+        def summarize(text: str, depth: int = 2, model: str = "gpt-4o") -> str:
+            return "leaf" if depth == 0 else summarize(text, depth - 1)
+
+    else:
+
+        @llmguard.budget(usd="1", name="recursive", storage=backend, reservation_ttl=30)
+        async def summarize(text: str, depth: int = 2, model: str = "gpt-4o") -> str:  # type: ignore[misc]
+            return "leaf" if depth == 0 else await summarize(text, depth - 1)
+
+    started = time.monotonic()
+    assert call(summarize, "x") == "leaf"
+    assert time.monotonic() - started < 10
