@@ -151,14 +151,14 @@ class BudgetDefinition:
             period = record["per"]
             if isinstance(period, dict):
                 period = timedelta(microseconds=int(period["microseconds"]))
+                if period <= timedelta(0):
+                    return None
             elif period not in _PERIODS:
                 return None
-            return cls(
-                limit=Decimal(str(record["usd"])),
-                period=period,
-                tz=ZoneInfo(str(record["tz"])),
-                keyed=bool(record["keyed"]),
-            )
+            limit = Decimal(str(record["usd"]))
+            if not limit.is_finite() or limit < 0:
+                return None
+            return cls(limit, period, ZoneInfo(str(record["tz"])), bool(record["keyed"]))
         except (KeyError, TypeError, ValueError, ArithmeticError, ZoneInfoNotFoundError):
             return None
 

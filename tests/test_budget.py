@@ -558,9 +558,9 @@ def test_cli_reads_and_resets_exactly_one_key(
 # -- one name, one definition -------------------------------------------------------------
 
 
-def test_declarations_of_one_name_must_agree() -> None:
+def test_declarations_of_one_name_must_agree(backend: str) -> None:
     def declare(**options: Any) -> Any:
-        return llmguard.budget(name="shared", **options)(lambda: None)
+        return llmguard.budget(name="shared", storage=backend, **options)(lambda: None)
 
     declare(usd="0.05", per="day")
     declare(usd=Decimal("0.050"), per="day", on_exceed="warn")  # the same limits: accepted
