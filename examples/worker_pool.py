@@ -13,33 +13,40 @@ from __future__ import annotations
 import multiprocessing
 import os
 
+from openai import OpenAI
+
 import llmguard
 
 REDIS = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+client: OpenAI | None = None  # each worker process makes its own
+
+
+# Declared at import, so the main process knows the budget too (to reset it, or to read it
+# with llmguard.budget_status, which any process can also do from the ledger in Redis).
+@llmguard.budget(usd="0.02", per="total", name="worker-pool-example", storage=REDIS)
+@llmguard.retry_on_rate_limit(max_tries=6)
+@llmguard.rate_limited("30/minute", name="worker-pool-example", storage=REDIS)
+def summarize(doc: str, *, model: str = "gpt-4o", max_tokens: int = 200) -> str:
+    assert client is not None
+    response = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": f"Summarize: {doc}"}],
+        max_tokens=max_tokens,
+    )
+    return response.choices[0].message.content or ""
+
+
 def worker(
     base_url: str | None, documents: list[str], out: multiprocessing.Queue[tuple[int, int]]
 ) -> None:
-    from openai import OpenAI
-
+    global client
     client = llmguard.instrument(
         OpenAI(max_retries=0)
         if base_url is None
         else OpenAI(base_url=base_url, api_key="offline", max_retries=0)
     )
-
-    @llmguard.budget(usd="0.02", per="total", name="worker-pool-example", storage=REDIS)
-    @llmguard.retry_on_rate_limit(max_tries=6)
-    @llmguard.rate_limited("30/minute", name="worker-pool-example", storage=REDIS)
-    def summarize(doc: str, *, model: str = "gpt-4o", max_tokens: int = 200) -> str:
-        response = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": f"Summarize: {doc}"}],
-            max_tokens=max_tokens,
-        )
-        return response.choices[0].message.content or ""
-
     done = stopped = 0
     for doc in documents:
         try:
@@ -53,8 +60,7 @@ def worker(
 def main() -> None:
     from llmguard.testing import FakeLLMServer
 
-    # A fresh run starts from a fresh budget (the budget is declared in the workers).
-    llmguard.open_storage(REDIS).clear("llmguard:budget:worker-pool-example:")
+    llmguard.reset_budget("worker-pool-example")  # a fresh run starts from a fresh budget
     fake = (
         None
         if os.environ.get("OPENAI_API_KEY")
@@ -78,6 +84,7 @@ def main() -> None:
     done = sum(r[0] for r in results)
     stopped = sum(r[1] for r in results)
     print(f"{done} documents summarized, {stopped} refused once the shared $0.02 budget was spent")
+    print(f"spent ${llmguard.budget_status('worker-pool-example').spent_usd} of $0.02")
     if fake is not None:
         fake.stop()
 

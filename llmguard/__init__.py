@@ -5,7 +5,7 @@ modules. ``import llmguard`` loads no tokenizer, price table or storage backend:
 on first use.
 """
 
-from ._budget import BudgetStatus, budget, budget_status, reset_budget
+from ._budget import BudgetStatus, budget, budget_keys, budget_status, reset_budget
 from ._cache import CachedFunction, CacheInfo, bypass_cache, cached
 from ._config import configure
 from ._debounce import debounced
@@ -58,6 +58,7 @@ __all__ = [
     "Usage",
     "__version__",
     "budget",
+    "budget_keys",
     "budget_status",
     "bypass_cache",
     "cached",

@@ -6,6 +6,11 @@ tokens x input price + output budget x output price, on the model the call will 
 atomically reserved only if spent + reserved + estimate fits the limit; after the call the
 reservation is released and the real cost added. Reservations expire, so a killed process
 cannot hold budget forever. Windows are calendar-aligned in ``tz``.
+
+A budget's definition (limit, window, time zone, keyed or not) is stored next to its ledger on
+its first call, so any process can read it (``budget_status``, ``budget_keys``, the CLI). A
+function whose real cost turns out above what its arguments showed teaches the budget a
+floor: its later calls reserve the largest such cost seen (see ``_learn``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_CEILING, Decimal
@@ -31,13 +36,26 @@ from ._errors import (
     StorageError,
 )
 from ._events import emit
-from ._ledger import PICO, Ledger, ledger_for, usd_of
+from ._ledger import (
+    PICO,
+    Ledger,
+    alert_key,
+    floor_field,
+    ledger_for,
+    ledger_key,
+    ledger_prefix,
+    parse_ledger_key,
+    read_config,
+    usd_of,
+    write_config,
+)
 from ._money import format_usd
 from ._pipeline import (
     PROCEED,
     Blocking,
     CallRecord,
     PromptFn,
+    Sleep,
     UserFunction,
     check_options,
     full_name,
@@ -53,6 +71,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _PERIODS = ("hour", "day", "week", "month", "total")
+_ON_EXCEED = ("raise", "warn", "wait")
+_FIRST_POLL, _MAX_POLL = 0.01, 0.2  # seconds between looks at the ledger while waiting
+_UNDERESTIMATE = 2  # a call costing more than this many times its reservation teaches a floor
 _registry: dict[str, _BudgetLayer] = {}
 _registry_lock = threading.Lock()
 
@@ -112,6 +133,102 @@ def window_of(period: str | timedelta, now: datetime) -> tuple[datetime | None, 
     return start, end.replace(tzinfo=None).replace(tzinfo=now.tzinfo)
 
 
+@dataclass(frozen=True)
+class BudgetDefinition:
+    """What makes a budget one ledger: its limit, window, time zone and whether it is kept
+    per key. Stored with the ledger, so other processes read the budget as declared."""
+
+    limit: Decimal
+    period: str | timedelta
+    tz: ZoneInfo
+    keyed: bool
+
+    def record(self) -> dict[str, Any]:
+        """This definition as stored (JSON)."""
+        period: Any = self.period
+        if isinstance(period, timedelta):
+            period = {"microseconds": period // timedelta(microseconds=1)}
+        return {
+            "usd": f"{self.limit.normalize():f}",
+            "per": period,
+            "tz": self.tz.key,
+            "keyed": self.keyed,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> BudgetDefinition | None:
+        """The definition a stored record describes, or None if it is not one."""
+        try:
+            period = record["per"]
+            if isinstance(period, dict):
+                period = timedelta(microseconds=int(period["microseconds"]))
+                if period <= timedelta(0):
+                    return None
+            elif period not in _PERIODS:
+                return None
+            limit = Decimal(str(record["usd"]))
+            if not limit.is_finite() or limit < 0:
+                return None
+            return cls(limit, period, ZoneInfo(str(record["tz"])), bool(record["keyed"]))
+        except (KeyError, TypeError, ValueError, ArithmeticError, ZoneInfoNotFoundError):
+            return None
+
+    def describe(self) -> str:
+        per = (
+            repr(self.period)
+            if isinstance(self.period, str)
+            else f"timedelta(seconds={self.period.total_seconds():g})"
+        )
+        keyed = ", per key" if self.keyed else ""
+        return f"usd={self.limit}, per={per}, tz={self.tz.key!r}{keyed}"
+
+    def window(
+        self, timestamp: float
+    ) -> tuple[str, datetime | None, datetime | None, float | None]:
+        """(window id, start, reset, ledger ttl in seconds) of the window holding
+        ``timestamp``."""
+        now = datetime.fromtimestamp(timestamp, self.tz)
+        start, end = window_of(self.period, now)
+        window_id = (
+            "total" if start is None else start.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        )
+        ttl = None if end is None else max((end - now).total_seconds(), 1.0) + 86400
+        return window_id, start, end, ttl
+
+    def status(
+        self,
+        name: str,
+        key: str | None,
+        spent: int,
+        reserved: int,
+        start: datetime | None,
+        end: datetime | None,
+    ) -> BudgetStatus:
+        limit_pico = _pico(self.limit)
+        return BudgetStatus(
+            name=name,
+            key=key,
+            limit_usd=self.limit,
+            spent_usd=usd_of(spent),
+            reserved_usd=usd_of(reserved),
+            remaining_usd=max(usd_of(limit_pico - spent - reserved), Decimal(0)),
+            window_start=start,
+            resets_at=end,
+        )
+
+    def check_key(self, name: str, key: str | None) -> None:
+        """Refuse to read or reset a keyed budget without a key, or the converse."""
+        if self.keyed and key is None:
+            raise ConfigurationError(
+                f"budget {name!r} is kept per key (it has key=): pass key=... to read or reset "
+                f"one key's; llmguard.budget_keys({name!r}) lists every key with its spend"
+            )
+        if not self.keyed and key is not None:
+            raise ConfigurationError(
+                f"budget {name!r} has no key=: it has one ledger, read it without key="
+            )
+
+
 class _BudgetLayer:
     def __init__(
         self,
@@ -131,6 +248,9 @@ class _BudgetLayer:
         default_output_tokens: int,
         fail_open: bool,
         clock: Callable[[], float],
+        max_wait: float = 30.0,
+        sleep: Callable[[float], None] | None = None,
+        async_sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
         self.limit = limit
@@ -148,8 +268,18 @@ class _BudgetLayer:
         self.default_output_tokens = default_output_tokens
         self.fail_open = fail_open
         self.clock = clock
+        self.max_wait = max_wait
+        self.sleep = sleep
+        self.async_sleep = async_sleep
+        self.definition = BudgetDefinition(limit, period, tz, key is not None)
         self._ledger: Ledger | None = None
         self._remote = False
+        self._published: set[str] = set()  # budget names whose definition is stored
+        # The learned floors, per (budget, function, model): see _learn.
+        self._floors: dict[tuple[str, str, str | None], int] = {}
+        self._probes: dict[tuple[str, str, str | None], CallRecord] = {}
+        self._floors_read: set[tuple[str, str, str | None]] = set()
+        self._floor_lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------
     def ledger(self, storage: str | None = None) -> Ledger:
@@ -164,23 +294,13 @@ class _BudgetLayer:
         return self._ledger
 
     def _window(self) -> tuple[str, datetime | None, datetime | None, float | None]:
-        now = datetime.fromtimestamp(self.clock(), self.tz)
-        start, end = window_of(self.period, now)
-        window_id = (
-            "total" if start is None else start.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        )
-        ttl = None if end is None else max((end - now).total_seconds(), 1.0) + 86400
-        return window_id, start, end, ttl
+        return self.definition.window(self.clock())
 
     def _ledger_key(self, name: str, key: str | None, window_id: str) -> str:
-        return f"llmguard:budget:{name}:{key or '-'}:{window_id}"
+        return ledger_key(name, key, window_id)
 
     def status(self, name: str, key: str | None, storage: str | None = None) -> BudgetStatus:
-        window_id, start, end, _ = self._window()
-        spent, reserved = self.ledger(storage).status(
-            self._ledger_key(name, key, window_id), int(self.clock() * 1000)
-        )
-        return self._status(name, key, spent, reserved, start, end)
+        return _read_status(self.definition, self.clock, self.ledger(storage), name, key)
 
     def _status(
         self,
@@ -191,20 +311,10 @@ class _BudgetLayer:
         start: datetime | None,
         end: datetime | None,
     ) -> BudgetStatus:
-        return BudgetStatus(
-            name=name,
-            key=key,
-            limit_usd=self.limit,
-            spent_usd=usd_of(spent),
-            reserved_usd=usd_of(reserved),
-            remaining_usd=max(usd_of(self.limit_pico - spent - reserved), Decimal(0)),
-            window_start=start,
-            resets_at=end,
-        )
+        return self.definition.status(name, key, spent, reserved, start, end)
 
     def reset(self, name: str, key: str | None, storage: str | None = None) -> None:
-        window_id, *_ = self._window()
-        self.ledger(storage).reset(self._ledger_key(name, key, window_id))
+        _reset_window(self.definition, self.clock, self.ledger(storage), name, key)
 
     def key_of(self, call: CallRecord) -> str | None:
         """The budget key (tenant) of ``call``: ``key=`` given its arguments by name."""
@@ -248,48 +358,80 @@ class _BudgetLayer:
                 estimate_usd=estimate,
                 resets_at=None,
             )
-        window_id, start, end, ttl = self._window()
-        ledger_key = self._ledger_key(name, key, window_id)
-        rid = os.urandom(8).hex()
-        amount = _pico(estimate)
-        now_ms = int(self.clock() * 1000)
+        floor, probe = yield from self._floor(call, name, model)  # may wait for a first call
+        handoff = [False]  # set when a returned stream takes over ending the probe
         try:
-            ledger = self.ledger()
-            reserve = functools.partial(
-                ledger.reserve,
-                ledger_key,
-                self.limit_pico,
-                amount,
-                rid,
-                now_ms + int(self.reservation_ttl * 1000),
-                now_ms,
-                ttl,
+            return (
+                yield from self._reserve_and_call(
+                    call, name, key, model, estimate, floor, probe, handoff
+                )
             )
-            ok, spent, reserved = (yield Blocking(reserve)) if self._remote else reserve()
-        except StorageError as exc:
-            if not self.fail_open:
-                raise BudgetUnavailable(
-                    f"budget {name!r}: its ledger cannot be reached ({exc}); calls are refused "
-                    "rather than run unmetered. @budget(fail_open=True) lets them through."
-                ) from exc
-            emit("warning", "budget_unavailable", {"budget": name, "error": str(exc)[:300]})
-            return (yield PROCEED)
+        finally:
+            if probe is not None and not handoff[0]:
+                self._end_probe(probe)
+
+    def _reserve_and_call(
+        self,
+        call: CallRecord,
+        name: str,
+        key: str | None,
+        model: str | None,
+        estimate: Decimal,
+        floor: int,
+        probe: tuple[str, str, str | None] | None,
+        handoff: list[bool],
+    ) -> Generator[Any, Any, Any]:
+        rid = os.urandom(8).hex()
+        amount = max(_pico(estimate), floor)
+        waited = 0.0
+        pause = _FIRST_POLL
+        while True:  # more than once only with on_exceed="wait"
+            window_id, start, end, ttl = self._window()
+            ledger_key = self._ledger_key(name, key, window_id)
+            now_ms = int(self.clock() * 1000)
+            try:
+                ledger = self.ledger()
+                if name not in self._published:
+                    publish = functools.partial(self._publish, ledger, name)
+                    (yield Blocking(publish)) if self._remote else publish()
+                reserve = functools.partial(
+                    ledger.reserve,
+                    ledger_key,
+                    self.limit_pico,
+                    amount,
+                    rid,
+                    now_ms + int(self.reservation_ttl * 1000),
+                    now_ms,
+                    ttl,
+                )
+                ok, spent, reserved = (yield Blocking(reserve)) if self._remote else reserve()
+            except StorageError as exc:
+                if not self.fail_open:
+                    raise BudgetUnavailable(
+                        f"budget {name!r}: its ledger cannot be reached ({exc}); calls are "
+                        "refused rather than run unmetered. @budget(fail_open=True) lets them "
+                        "through."
+                    ) from exc
+                emit("warning", "budget_unavailable", {"budget": name, "error": str(exc)[:300]})
+                return (yield PROCEED)
+            if ok or not self._may_wait(spent, amount, waited):
+                break
+            step = min(pause, self.max_wait - waited)
+            yield Sleep(step, sleep=self.sleep, async_sleep=self.async_sleep)
+            waited += step
+            pause = min(pause * 2, _MAX_POLL)
         if not ok:
             status = self._status(name, key, spent, reserved, start, end)
             call.fields["budget_remaining_usd"] = float(status.remaining_usd)
-            if self.on_exceed == "raise":
+            if self.on_exceed in ("raise", "wait"):
                 raise BudgetExceeded(
-                    f"budget {name!r}{'' if key is None else f' (key {key!r})'} would be exceeded: "
-                    f"limit {format_usd(self.limit)}, spent {format_usd(status.spent_usd)}, "
-                    f"reserved {format_usd(status.reserved_usd)}, this call up to "
-                    f"{format_usd(estimate)}; resets "
-                    f"{'never (per=total)' if end is None else end.isoformat()}",
+                    self._refusal(call, name, key, spent, reserved, estimate, amount, end),
                     budget=name,
                     key=key,
                     limit_usd=self.limit,
                     spent_usd=status.spent_usd,
                     reserved_usd=status.reserved_usd,
-                    estimate_usd=estimate,
+                    estimate_usd=usd_of(amount),
                     resets_at=end,
                 )
             if callable(self.on_exceed):
@@ -302,19 +444,27 @@ class _BudgetLayer:
             )
             rid = ""  # "warn": proceed unreserved, and record what it spends
         reported_before = len(call.usages)  # an outer layer may run this call again
-        settle = functools.partial(self._settle, call, name, key, ledger_key, rid or None)
+        settle = functools.partial(
+            self._settle_and_learn, call, name, key, ledger_key, rid or None, model, amount
+        )
         try:
             result = yield PROCEED
         except BaseException as exc:  # interrupts and cancellations release it too
             cost = self._attempt_cost(call, None, exc, reported_before, estimate)
-            yield from settle(_pico(cost), ttl, start, end)
+            yield from settle(_pico(cost), ttl, start, end, learn=cost > 0)
             raise
         if is_stream(result):  # hold the reservation until the stream has been consumed
 
             def at_end(tally: StreamTally, error: BaseException | None) -> None:
-                cost = call.stream_cost(tally)[1]
-                _run_inline(settle(_pico(cost if cost is not None else estimate), ttl, start, end))
+                try:
+                    cost = call.stream_cost(tally)[1]
+                    actual = _pico(cost if cost is not None else estimate)
+                    _run_inline(settle(actual, ttl, start, end))
+                finally:
+                    if probe is not None:
+                        self._end_probe(probe)
 
+            handoff[0] = True
             return wrap_stream(result, at_end)
         cost = self._attempt_cost(call, result, None, reported_before, estimate)
         yield from settle(_pico(cost), ttl, start, end)
@@ -372,7 +522,7 @@ class _BudgetLayer:
         self, ledger_key: str, threshold: float, status: BudgetStatus, ttl: float | None
     ) -> Generator[Any, Any, None]:
         storage = open_storage(self.storage_uri)
-        flag = functools.partial(storage.add, f"{ledger_key}:alert:{threshold}", b"1", ttl)
+        flag = functools.partial(storage.add, alert_key(ledger_key, threshold), b"1", ttl)
         try:
             first = (yield Blocking(flag)) if self._remote else flag()
         except StorageError:
@@ -397,6 +547,193 @@ class _BudgetLayer:
         )
         if self.on_alert is not None:
             self.on_alert(status)
+
+    # -- the stored definition ---------------------------------------------------------------
+    def _publish(self, ledger: Ledger, name: str) -> None:
+        """Store this budget's definition with its ledger (once per process and name), so
+        other processes can read the budget; warn if a different one was stored."""
+        replaced = write_config(ledger.storage, name, self.definition.record())
+        self._published.add(name)
+        if replaced is not None:
+            before = BudgetDefinition.from_record(replaced)
+            emit(
+                "warning",
+                "budget_redefined",
+                {
+                    "budget": name,
+                    "stored": before.describe() if before is not None else str(replaced)[:300],
+                    "declared": self.definition.describe(),
+                },
+            )
+
+    # -- waiting for calls in flight (on_exceed="wait") ------------------------------------
+    def _may_wait(self, spent: int, amount: int, waited: float) -> bool:
+        """Whether a refused reservation is worth waiting for: only calls in flight stand in
+        its way (it fits next to what is spent) and max_wait is not used up."""
+        return (
+            self.on_exceed == "wait"
+            and spent + amount <= self.limit_pico
+            and waited < self.max_wait
+        )
+
+    def _refusal(
+        self,
+        call: CallRecord,
+        name: str,
+        key: str | None,
+        spent: int,
+        reserved: int,
+        estimate: Decimal,
+        amount: int,
+        end: datetime | None,
+    ) -> str:
+        """Why a call is refused, telling settled spend from reservations of calls in flight."""
+        text = (
+            f"budget {name!r}{'' if key is None else f' (key {key!r})'} would be exceeded: "
+            f"limit {format_usd(self.limit)}, spent {format_usd(usd_of(spent))} (settled), "
+            f"{format_usd(usd_of(reserved))} reserved by calls in flight, this call up to "
+            f"{format_usd(usd_of(amount))}"
+        )
+        if amount > _pico(estimate):
+            text += (
+                f" (the largest cost seen of {call.spec.name}, whose arguments show only "
+                f"{format_usd(estimate)})"
+            )
+        if spent + amount <= self.limit_pico:
+            text += (
+                f"; it would fit once the calls in flight settle, which they did not within "
+                f"max_wait={self.max_wait:g}s"
+                if self.on_exceed == "wait"
+                else "; it would fit once the calls in flight settle: "
+                "@budget(on_exceed='wait') waits for them"
+            )
+        resets = "never (per=total)" if end is None else end.isoformat()
+        return f"{text}; resets {resets}"
+
+    # -- learned floors ----------------------------------------------------------------------
+    # A function whose real cost exceeds _UNDERESTIMATE x its reservation hides its prompt
+    # from its arguments (it builds it inside). It gets a `budget_underestimate` warning and
+    # a floor: its later reservations are at least the largest cost it was seen to have. So
+    # that concurrent calls do not all reserve the too-small estimate before the first one
+    # settles, the first call of a function (per budget and model, per process) whose cost
+    # nobody has seen yet runs alone; the others wait for it (at most reservation_ttl). Floors
+    # are kept in the ledger too, so other processes start with them, and a function with a
+    # declared prompt= is never held back. The overshoot is at most one call per process.
+    def _floor(
+        self, call: CallRecord, name: str, model: str | None
+    ) -> Generator[Any, Any, tuple[int, tuple[str, str, str | None] | None]]:
+        """(floor of this call's reservation in pico-USD, this call's probe token if it is
+        the first of its function to run)."""
+        slot = (name, call.spec.name, model)
+        with self._floor_lock:
+            floor = self._floors.get(slot)
+        if floor is not None:
+            return floor, None
+        if slot not in self._floors_read:  # once per process: the ledger's floor, if any
+            self._floors_read.add(slot)
+            load = functools.partial(self._load_floor, slot)
+            try:
+                (yield Blocking(load)) if self._remote else load()
+            except StorageError:
+                pass  # the reservation will meet the same error and handle it
+        waited, pause = 0.0, _FIRST_POLL
+        while True:
+            with self._floor_lock:
+                floor = self._floors.get(slot)
+                if floor is not None:
+                    return floor, None
+                if call.spec.prompt is not None:
+                    return 0, None  # its prompt is declared: its estimate can be trusted
+                probe = self._probes.get(slot)
+                if probe is None:
+                    self._probes[slot] = call
+                    return 0, slot
+                if waited >= self.reservation_ttl or _inside(call, probe):
+                    return 0, None  # (a call made inside the first one cannot wait for it)
+            yield Sleep(pause, sleep=self.sleep, async_sleep=self.async_sleep)
+            waited += pause
+            pause = min(pause * 2, _MAX_POLL)
+
+    def _load_floor(self, slot: tuple[str, str, str | None]) -> None:
+        stored = self.ledger().floor(slot[0], floor_field(slot[1], slot[2]))
+        if stored is not None:
+            with self._floor_lock:
+                self._floors[slot] = max(self._floors.get(slot, 0), stored)
+
+    def _end_probe(self, slot: tuple[str, str, str | None]) -> None:
+        with self._floor_lock:
+            self._probes.pop(slot, None)
+
+    def _settle_and_learn(
+        self,
+        call: CallRecord,
+        name: str,
+        key: str | None,
+        ledger_key: str,
+        rid: str | None,
+        model: str | None,
+        amount: int,
+        actual: int,
+        ttl: float | None,
+        start: datetime | None,
+        end: datetime | None,
+        learn: bool = True,
+    ) -> Generator[Any, Any, None]:
+        yield from self._settle(call, name, key, ledger_key, rid, actual, ttl, start, end)
+        if learn:  # after settling: whoever waits on this call then sees its cost spent
+            yield from self._learn(call, name, model, amount, actual)
+
+    def _learn(
+        self, call: CallRecord, name: str, model: str | None, amount: int, actual: int
+    ) -> Generator[Any, Any, None]:
+        """Take in a settled call's real cost ``actual`` against its reservation ``amount``."""
+        slot = (name, call.spec.name, model)
+        underestimated = actual > _UNDERESTIMATE * amount
+        if underestimated:
+            emit(
+                "warning",
+                "budget_underestimate",
+                {
+                    "budget": name,
+                    "function": call.spec.name,
+                    "model": model,
+                    "reserved_usd": float(usd_of(amount)),
+                    "cost_usd": float(usd_of(actual)),
+                    "hint": f"{call.spec.name} cost more than {_UNDERESTIMATE}x what its "
+                    "arguments showed: it sends a prompt they do not contain. Pass "
+                    "@budget(prompt=lambda *args, **kwargs: <the prompt text or messages>) so "
+                    "each call reserves its real worst case; until then its calls reserve the "
+                    "largest cost seen",
+                },
+            )
+        with self._floor_lock:
+            floor = self._floors.get(slot)
+            if underestimated or (floor and actual > floor):
+                learned = max(actual, floor or 0)
+            elif floor is None:
+                learned = 0  # seen, and within its reservation: no floor
+            else:
+                return
+            self._floors[slot] = learned
+        raise_floor = functools.partial(
+            self.ledger().raise_floor, name, floor_field(call.spec.name, model), learned
+        )
+        try:
+            stored = (yield Blocking(raise_floor)) if self._remote else raise_floor()
+        except StorageError:
+            return
+        with self._floor_lock:
+            self._floors[slot] = max(self._floors.get(slot, 0), stored)
+
+
+def _inside(call: CallRecord, outer: CallRecord) -> bool:
+    """Whether ``call`` is made (directly or not) inside ``outer``."""
+    parent = call.parent
+    while parent is not None:
+        if parent is outer:
+            return True
+        parent = parent.parent
+    return False
 
 
 def _run_inline(steps: Generator[Any, Any, Any]) -> Any:
@@ -437,6 +774,9 @@ def budget(
     default_output_tokens: int = 1024,
     fail_open: bool = False,
     clock: Callable[[], float] = time.time,
+    max_wait: float = 30,
+    sleep: Callable[[float], None] | None = None,
+    async_sleep: Callable[[float], Awaitable[None]] | None = None,
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
@@ -446,17 +786,26 @@ def budget(
 
     Before each call its worst case (estimated prompt x input price + output budget x output
     price, on the model it will use) is reserved atomically, only if it fits; otherwise
-    ``on_exceed``: ``"raise"`` (``BudgetExceeded``), ``"warn"`` (log and proceed), or a
-    callable whose return value replaces the call. After the call the reservation is released
-    and the real cost (usage, else the estimate) added; on an exception without usage,
-    released. Budgets with the same ``name`` share one ledger across functions, processes
-    and (with Redis) machines; ``key`` (given the call's arguments by name, e.g.
-    ``key=lambda user, **_: user``) gives one budget per user or tenant.
+    ``on_exceed``: ``"raise"`` (``BudgetExceeded``), ``"wait"`` (when only reservations of
+    calls in flight stand in the way, wait up to ``max_wait`` seconds for them to settle,
+    then raise; a call that cannot fit next to what is already spent is refused at once),
+    ``"warn"`` (log and proceed), or a callable whose return value replaces the call. After
+    the call the reservation is released and the real cost (usage, else the estimate) added;
+    on an exception without usage, released. A call costing more than twice its reservation
+    (a prompt its arguments do not show: pass ``prompt=``) logs ``budget_underestimate`` and
+    its function's later calls reserve at least the largest such cost seen.
+    Budgets with the same ``name`` share one ledger across functions, processes and (with
+    Redis) machines, so their declarations must agree on ``usd``, ``per``, ``tz`` and
+    whether they have a ``key`` (``ConfigurationError`` otherwise); ``key`` (given the
+    call's arguments by name, e.g. ``key=lambda user, **_: user``) gives one budget per user
+    or tenant.
     ``max_call_usd`` refuses any single call that could cost more (``CallTooExpensive``).
     ``alert_at`` thresholds log one ``budget_alert`` per window (across processes) and call
     ``on_alert(status)``. An unreachable ledger refuses calls (``BudgetUnavailable``) unless
     ``fail_open``; a model without a price is refused (``PriceUnknown``) unless
-    ``unknown_price="allow"``. The decorated function gains ``budget_status(key=None)``.
+    ``unknown_price="allow"``. ``clock``, ``sleep`` and ``async_sleep`` make windows and
+    waits exact in tests. The decorated function gains ``budget_status(key=None)`` (a keyed
+    budget needs ``key=``; ``llmguard.budget_keys(name)`` lists its keys).
     """
     limit = _decimal_usd(usd, "usd")
     if isinstance(per, timedelta):
@@ -466,8 +815,10 @@ def budget(
         raise ConfigurationError(
             f"per must be one of {', '.join(_PERIODS)} or a timedelta, got {per!r}"
         )
-    if not (on_exceed in ("raise", "warn") or callable(on_exceed)):
-        raise ConfigurationError("on_exceed must be 'raise', 'warn' or a callable")
+    if not (on_exceed in _ON_EXCEED or callable(on_exceed)):
+        raise ConfigurationError("on_exceed must be 'raise', 'wait', 'warn' or a callable")
+    if not isinstance(max_wait, (int, float)) or isinstance(max_wait, bool) or max_wait < 0:
+        raise ConfigurationError(f"max_wait must be seconds >= 0, got {max_wait!r}")
     if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in alert_at):
         raise ConfigurationError("alert_at thresholds must be fractions in (0, 1]")
     if unknown_price not in ("refuse", "allow"):
@@ -513,14 +864,21 @@ def budget(
         default_output_tokens=default_output_tokens,
         fail_open=fail_open,
         clock=clock,
+        max_wait=float(max_wait),
+        sleep=sleep,
+        async_sleep=async_sleep,
     )
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
         wrapper = guard(func, decorator="budget", layer=layer, options=options)
         budget_name = name or _full(func)
-        with _registry_lock:
-            _registry[budget_name] = layer
-        wrapper.budget_status = lambda key=None: layer.status(budget_name, key)
+        _register(budget_name, layer, _full(func))
+
+        def status(key: str | None = None) -> BudgetStatus:
+            layer.definition.check_key(budget_name, key)
+            return layer.status(budget_name, key)
+
+        wrapper.budget_status = status
         return wrapper  # type: ignore[no-any-return]
 
     return decorate
@@ -528,6 +886,34 @@ def budget(
 
 def _full(func: Any) -> str:
     return full_name(original(getattr(func, "__func__", func)))  # classmethods too
+
+
+_declared_by: dict[str, str] = {}  # budget name -> the function first declaring it
+
+
+def _register(name: str, layer: _BudgetLayer, function: str) -> None:
+    """Record a declaration of budget ``name``; refuse one that disagrees with an earlier
+    one (they would share one ledger with different limits)."""
+    with _registry_lock:
+        earlier = _registry.get(name)
+        if earlier is None:
+            _registry[name] = layer
+            _declared_by[name] = function
+            return
+    if earlier.definition.record() != layer.definition.record():
+        raise ConfigurationError(
+            f"budget {name!r} is already declared with {earlier.definition.describe()} (on "
+            f"{_declared_by.get(name, '?')}); this declaration on {function} says "
+            f"{layer.definition.describe()}. Budgets with one name share one ledger: give "
+            "them the same usd, per, tz and key-or-not, or different names"
+        )
+
+
+def reset_registry() -> None:
+    """Forget every budget declared in this process (for tests)."""
+    with _registry_lock:
+        _registry.clear()
+        _declared_by.clear()
 
 
 def _layer(name: str) -> _BudgetLayer:
@@ -541,11 +927,87 @@ def _layer(name: str) -> _BudgetLayer:
     return layer
 
 
+def budget_definition(
+    name: str, storage: str | None = None
+) -> tuple[BudgetDefinition, Callable[[], float], Ledger]:
+    """Budget ``name``'s definition, clock and ledger: as declared in this process, else as
+    stored with its ledger in ``storage`` (default: the configured storage) by the process
+    that used it."""
+    with _registry_lock:
+        layer = _registry.get(name)
+    if layer is not None:
+        return layer.definition, layer.clock, layer.ledger(storage)
+    if storage is not None:
+        validate_uri(storage)
+    opened = open_storage(storage)
+    ledger = ledger_for(opened)
+    record = read_config(opened, name)
+    definition = None if record is None else BudgetDefinition.from_record(record)
+    if definition is None:
+        raise ConfigurationError(
+            f"no budget named {name!r}: it is not declared in this process and {opened.uri} "
+            "holds no definition of it (a budget's definition is stored with its ledger on "
+            "its first call). Check the name and storage="
+        )
+    return definition, time.time, ledger
+
+
+def _read_status(
+    definition: BudgetDefinition,
+    clock: Callable[[], float],
+    ledger: Ledger,
+    name: str,
+    key: str | None,
+) -> BudgetStatus:
+    now = clock()
+    window_id, start, end, _ = definition.window(now)
+    spent, reserved = ledger.status(ledger_key(name, key, window_id), int(now * 1000))
+    return definition.status(name, key, spent, reserved, start, end)
+
+
+def _reset_window(
+    definition: BudgetDefinition,
+    clock: Callable[[], float],
+    ledger: Ledger,
+    name: str,
+    key: str | None,
+) -> None:
+    window_id, *_ = definition.window(clock())
+    ledger.reset(ledger_key(name, key, window_id))
+
+
 def budget_status(name: str, key: str | None = None, storage: str | None = None) -> BudgetStatus:
-    """The state of budget ``name`` (for ``key``) in its current window."""
-    return _layer(name).status(name, key, storage)
+    """The state of budget ``name`` (for ``key``, which a keyed budget needs) in its current
+    window. Works in any process: a budget not declared here is read as stored with its
+    ledger in ``storage`` (default: the configured storage)."""
+    definition, clock, ledger = budget_definition(name, storage)
+    definition.check_key(name, key)
+    return _read_status(definition, clock, ledger, name, key)
+
+
+def budget_keys(name: str, storage: str | None = None) -> dict[str, BudgetStatus]:
+    """The keys of keyed budget ``name`` with a ledger in the current window, each with its
+    state, sorted by key. Walks the storage's keys: for operators, not for hot paths."""
+    definition, clock, ledger = budget_definition(name, storage)
+    if not definition.keyed:
+        raise ConfigurationError(
+            f"budget {name!r} has no key=: read it with llmguard.budget_status({name!r})"
+        )
+    now = clock()
+    window_id, start, end, _ = definition.window(now)
+    found: dict[str, BudgetStatus] = {}
+    for text in ledger.storage.keys(ledger_prefix(name, every_key=True)):
+        parsed = parse_ledger_key(text)
+        if parsed is None or parsed.key is None or parsed.window != window_id:
+            continue  # another window, an alert flag, or a key in an older format
+        spent, reserved = ledger.status(text, int(now * 1000))
+        found[parsed.key] = definition.status(name, parsed.key, spent, reserved, start, end)
+    return dict(sorted(found.items()))
 
 
 def reset_budget(name: str, key: str | None = None, storage: str | None = None) -> None:
-    """Forget the spend of budget ``name`` (for ``key``) in its current window."""
-    _layer(name).reset(name, key, storage)
+    """Forget the spend of budget ``name`` (for ``key``, which a keyed budget needs) in its
+    current window; in any process, like :func:`budget_status`."""
+    definition, clock, ledger = budget_definition(name, storage)
+    definition.check_key(name, key)
+    _reset_window(definition, clock, ledger, name, key)

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from datetime import timedelta
 from decimal import Decimal
@@ -223,82 +222,102 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _budget_ledgers(storage: Any, name: str | None) -> list[tuple[str, str, str, str]]:
-    """(ledger key, budget name, key, window) of every budget ledger in ``storage``."""
-    prefix = "llmguard:budget:" + (f"{name}:" if name else "")
-    found = []
-    for ledger_key in storage.keys(prefix):
-        if ":alert:" in ledger_key:
-            continue
-        budget_name, key, window = ledger_key[len("llmguard:budget:") :].rsplit(":", 2)
-        if name is None or budget_name == name:
-            found.append((ledger_key, budget_name, key, window))
-    return found
+def _budget_rows(name: str, key: str | None, storage: str | None) -> list[dict[str, Any]]:
+    """The current window of budget ``name`` (one key's, or every key's), as read by
+    ``llmguard.budget_status`` / ``llmguard.budget_keys`` from any process."""
+    from ._budget import budget_definition, budget_keys, budget_status
+
+    definition = budget_definition(name, storage)[0]
+    if definition.keyed and key is None:
+        statuses = list(budget_keys(name, storage).values())
+    else:
+        statuses = [budget_status(name, key, storage)]
+    per = definition.period
+    return [
+        {
+            "budget": s.name,
+            "key": s.key,
+            "per": per if isinstance(per, str) else f"{per.total_seconds():g}s",
+            "tz": definition.tz.key,
+            "window_start": None if s.window_start is None else s.window_start.isoformat(),
+            "resets_at": None if s.resets_at is None else s.resets_at.isoformat(),
+            "limit_usd": decimal_text(s.limit_usd),
+            "spent_usd": decimal_text(s.spent_usd),
+            "reserved_usd": decimal_text(s.reserved_usd),
+            "remaining_usd": decimal_text(s.remaining_usd),
+        }
+        for s in statuses
+    ]
 
 
 def _cmd_budget_status(args: argparse.Namespace) -> int:
-    from ._ledger import ledger_for, usd_of
+    from ._errors import ConfigurationError
+    from ._ledger import budget_names
 
     storage = open_storage(args.storage)
-    ledger = ledger_for(storage)
-    rows = []
-    for ledger_key, budget_name, key, window in _budget_ledgers(storage, args.name):
-        if args.key is not None and key != args.key:
-            continue
-        spent, reserved = ledger.status(ledger_key, int(time.time() * 1000))
-        limit = ledger.limit(ledger_key)
-        rows.append(
-            {
-                "budget": budget_name,
-                "key": None if key == "-" else key,
-                "window": window,
-                "limit_usd": None if limit is None else decimal_text(usd_of(limit)),
-                "spent_usd": decimal_text(usd_of(spent)),
-                "reserved_usd": decimal_text(usd_of(reserved)),
-                "remaining_usd": None
-                if limit is None
-                else decimal_text(max(usd_of(limit - spent - reserved), Decimal(0))),
-            }
-        )
+    names = budget_names(storage)  # the budgets whose definition is stored
+    if args.name is not None:
+        if args.name not in names:
+            print(
+                f"llmguard: no budget named {args.name!r} in {storage.uri} (a budget's "
+                "definition is stored with its ledger on its first call)",
+                file=sys.stderr,
+            )
+            return EXIT_NOT_FOUND
+        names = [args.name]
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        try:
+            rows.extend(_budget_rows(name, args.key, args.storage))
+        except ConfigurationError as exc:  # e.g. --key on a budget without key=
+            print(f"llmguard: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.format == "json":
         json.dump(rows, sys.stdout, indent=2)
         print()
     elif rows:
-        header = ("budget", "key", "window", "limit", "spent", "reserved", "remaining")
+        columns = {
+            "budget": "budget",
+            "key": "key",
+            "per": "per",
+            "window start": "window_start",
+            "limit": "limit_usd",
+            "spent": "spent_usd",
+            "reserved": "reserved_usd",
+            "remaining": "remaining_usd",
+            "resets": "resets_at",
+        }
         _print_table(
-            [header]
+            [list(columns)]
             + [
-                tuple(
-                    "-" if r[f] is None else format_usd(r[f]) if f.endswith("_usd") else str(r[f])
-                    for f in (
-                        "budget",
-                        "key",
-                        "window",
-                        "limit_usd",
-                        "spent_usd",
-                        "reserved_usd",
-                        "remaining_usd",
-                    )
-                )
+                [
+                    "-"
+                    if r[f] is None
+                    else format_usd(Decimal(r[f]))
+                    if f.endswith("_usd")
+                    else str(r[f])
+                    for f in columns.values()
+                ]
                 for r in rows
             ]
         )
     else:
         print(
-            "no budget ledgers"
-            + (f" for {args.name!r}" if args.name else "")
+            "no spend in the current window"
+            + (f" of {args.name!r}" if args.name else " of any budget")
             + f" in {storage.uri}"
         )
-    return EXIT_OK if rows or args.name is None else EXIT_NOT_FOUND
+    return EXIT_OK
 
 
 def _cmd_budget_reset(args: argparse.Namespace) -> int:
+    from ._ledger import clear_budget
+
     storage = open_storage(args.storage)
-    prefix = f"llmguard:budget:{args.name}:" + (f"{args.key}:" if args.key is not None else "")
-    removed = storage.clear(prefix)
+    removed = clear_budget(storage, args.name, args.key)
     print(
         f"reset budget {args.name!r}"
-        + (f" key {args.key!r}" if args.key else "")
+        + (f" key {args.key!r}" if args.key is not None else "")
         + f": {removed} records removed"
     )
     return EXIT_OK if removed else EXIT_NOT_FOUND
@@ -407,13 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
     storage_help = "storage URI (default: LLMGUARD_STORAGE, else the local cache folder)"
     budget = sub.add_parser("budget", help="budget ledgers: status and reset")
     budget_sub = budget.add_subparsers(dest="action", metavar="ACTION")
-    status = budget_sub.add_parser("status", help="spend, reservations and what is left")
+    status = budget_sub.add_parser(
+        "status", help="the current window: spend, reservations of calls in flight, what is left"
+    )
     status.add_argument("name", nargs="?", help="one budget (default: all)")
     status.add_argument("--key", help="one key of a keyed budget")
     status.add_argument("--storage", help=storage_help)
     status.add_argument("--format", choices=("table", "json"), default="table")
     status.set_defaults(run=_cmd_budget_status)
-    reset = budget_sub.add_parser("reset", help="forget a budget's spend (all windows)")
+    reset = budget_sub.add_parser(
+        "reset", help="forget a budget's spend (all windows) and its learned cost floors"
+    )
     reset.add_argument("name")
     reset.add_argument("--key", help="only this key of a keyed budget")
     reset.add_argument("--storage", help=storage_help)

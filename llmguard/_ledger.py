@@ -5,17 +5,144 @@ the limit, checked and written in one step, so concurrent callers cannot walk pa
 Reservations expire, so a process killed mid-call cannot hold budget forever. The local and
 memory storages run the Python below inside their atomic section (an SQLite transaction for
 local storage); Redis runs the same logic as Lua scripts.
+
+This module also owns the storage key format of budgets (see "Storage keys" below): every
+other module builds and parses budget keys with the functions here.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from ._storage import LocalStorage, MemoryStorage, RedisStorage, Storage, _wrapped
 
 PICO = 10**12  # pico-dollars per dollar
+
+# -- Storage keys ---------------------------------------------------------------------------
+# A window's ledger:    llmguard:budget:<name>:-:<window>             (a budget without key=)
+#                       llmguard:budget:<name>:=<key>:<window>        (one key of a keyed budget)
+# its alert flags:      <ledger key>:alert:<threshold>
+# a budget's definition (limit, period, time zone, keyed), stored on its first call:
+#                       llmguard:budget-config:<name>
+# the largest cost seen per function and model (the learned reservation floor):
+#                       llmguard:budget-floor:<name>
+# Names and keys are arbitrary strings: '%' and ':' in them are percent-encoded, so no
+# component contains ':' and "team:vip"/"alice" and "team"/"vip:alice" are different ledgers.
+# Windows are "total" or the window's start in UTC, YYYYMMDDTHHMMSS. Keys in any other shape
+# (written by llmguard before 0.x's key format change, or by something else) are skipped.
+BUDGET_PREFIX = "llmguard:budget:"
+CONFIG_PREFIX = "llmguard:budget-config:"
+FLOOR_PREFIX = "llmguard:budget-floor:"
+_WINDOW = re.compile(r"total|\d{8}T\d{6}")
+_ESCAPED = re.compile(r"%(?!25|3A)")  # a '%' that does not start one of our two escapes
+_ESCAPE = re.compile(r"%(25|3A)")
+
+
+def encode_part(text: str) -> str:
+    """``text`` as one key component: '%' and ':' percent-encoded (injective, no ':')."""
+    return text.replace("%", "%25").replace(":", "%3A")
+
+
+def decode_part(part: str) -> str | None:
+    """The text :func:`encode_part` made ``part`` from, or None if it made no such part."""
+    if ":" in part or _ESCAPED.search(part):
+        return None
+    return _ESCAPE.sub(lambda m: "%" if m.group(1) == "25" else ":", part)
+
+
+def _key_part(key: str | None) -> str:
+    return "-" if key is None else "=" + encode_part(key)
+
+
+@dataclass(frozen=True)
+class LedgerKey:
+    """A parsed window ledger key: budget ``name``, ``key`` (None: not keyed), ``window``."""
+
+    name: str
+    key: str | None
+    window: str
+
+
+def ledger_key(name: str, key: str | None, window: str) -> str:
+    """The storage key of budget ``name``'s ledger for ``key`` in ``window``."""
+    return f"{BUDGET_PREFIX}{encode_part(name)}:{_key_part(key)}:{window}"
+
+
+def ledger_prefix(name: str, key: str | None = None, *, every_key: bool = False) -> str:
+    """The prefix of every window of budget ``name`` for ``key`` (ledgers and alert flags);
+    with ``every_key``, of every key's."""
+    prefix = f"{BUDGET_PREFIX}{encode_part(name)}:"
+    return prefix if every_key else f"{prefix}{_key_part(key)}:"
+
+
+def parse_ledger_key(text: str) -> LedgerKey | None:
+    """The parts of a window ledger key, or None for anything else (alert flags, keys in
+    the old format, foreign keys)."""
+    if not text.startswith(BUDGET_PREFIX):
+        return None
+    parts = text[len(BUDGET_PREFIX) :].split(":")
+    if len(parts) != 3 or not _WINDOW.fullmatch(parts[2]):
+        return None
+    name = decode_part(parts[0])
+    if name is None:
+        return None
+    if parts[1] == "-":
+        return LedgerKey(name, None, parts[2])
+    key = decode_part(parts[1][1:]) if parts[1].startswith("=") else None
+    return None if key is None else LedgerKey(name, key, parts[2])
+
+
+def alert_key(ledger: str, threshold: float) -> str:
+    """The flag that ``threshold`` has alerted in the window of ledger key ``ledger``."""
+    return f"{ledger}:alert:{threshold}"
+
+
+def config_key(name: str) -> str:
+    return CONFIG_PREFIX + encode_part(name)
+
+
+def budget_names(storage: Storage) -> list[str]:
+    """The names of the budgets whose definition ``storage`` holds, sorted."""
+    names = (decode_part(k[len(CONFIG_PREFIX) :]) for k in storage.keys(CONFIG_PREFIX))
+    return sorted(name for name in names if name is not None)
+
+
+def read_config(storage: Storage, name: str) -> dict[str, Any] | None:
+    """Budget ``name``'s stored definition, or None if there is none (or it is unreadable)."""
+    raw = storage.get(config_key(name))
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_config(storage: Storage, name: str, record: dict[str, Any]) -> dict[str, Any] | None:
+    """Store budget ``name``'s definition unless it is already the stored one; returns the
+    different definition it replaced, if any."""
+    stored = read_config(storage, name)
+    if stored != record:
+        storage.set(config_key(name), json.dumps(record, sort_keys=True).encode())
+    return stored if stored is not None and stored != record else None
+
+
+def clear_budget(storage: Storage, name: str, key: str | None = None) -> int:
+    """Delete budget ``name``'s ledgers of every window: ``key``'s, or (key None) every
+    key's and its learned cost floors; its definition stays. Returns how many records."""
+    removed = storage.clear(ledger_prefix(name, key, every_key=key is None))
+    if key is None:
+        removed += int(storage.delete(FLOOR_PREFIX + encode_part(name)))
+    return removed
+
+
+def floor_field(function: str, model: str | None) -> str:
+    return f"{encode_part(function)}:{'-' if model is None else '=' + encode_part(model)}"
 
 
 def usd_of(pico: int) -> Decimal:
@@ -87,6 +214,30 @@ class DocLedger:
         with _wrapped(self.storage.uri, "status"):
             return self._load(key).get("limit")
 
+    def _floors(self, name: str) -> dict[str, Any]:
+        raw = self.storage.get(FLOOR_PREFIX + encode_part(name))
+        try:
+            doc = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}  # not written by us: start afresh
+        return doc if isinstance(doc, dict) else {}
+
+    def floor(self, name: str, field: str) -> int | None:
+        """The largest cost seen of calls ``field`` (function and model) of budget ``name``."""
+        with _wrapped(self.storage.uri, "floor"):
+            value = self._floors(name).get(field)
+        return value if isinstance(value, int) else None
+
+    def raise_floor(self, name: str, field: str, cost: int) -> int:
+        """Make that floor at least ``cost``; returns it."""
+        key = FLOOR_PREFIX + encode_part(name)
+        with _wrapped(self.storage.uri, "floor"), self.storage.atomic():
+            doc = self._floors(name)
+            if not isinstance(doc.get(field), int) or doc[field] < cost:
+                doc[field] = cost
+                self.storage.set(key, json.dumps(doc).encode())
+            return int(doc[field])
+
 
 # KEYS[1] ledger hash: field "spent" (HINCRBY, exact int64) and "r:<id>" = "<amount>:<exp_ms>".
 _PRUNE = """
@@ -146,6 +297,16 @@ return {redis.call('HGET', KEYS[1], 'spent') or '0', string.format('%.0f', held)
 )
 
 
+_RAISE_FLOOR = """
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '') or -1
+if current < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return ARGV[2]
+end
+return string.format('%.0f', current)
+"""
+
+
 class RedisLedger:
     """The same ledger in a Redis hash, every operation one Lua script."""
 
@@ -155,6 +316,7 @@ class RedisLedger:
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
         self._status = client.register_script(_STATUS)
+        self._raise_floor = client.register_script(_RAISE_FLOOR)
 
     @staticmethod
     def _ttl(ttl: float | None) -> int:
@@ -195,6 +357,18 @@ class RedisLedger:
         with _wrapped(self.storage.uri, "status"):
             value = self.storage.client.hget(key, "limit")
         return None if value is None else int(value)
+
+    def floor(self, name: str, field: str) -> int | None:
+        """The largest cost seen of calls ``field`` (function and model) of budget ``name``."""
+        with _wrapped(self.storage.uri, "floor"):
+            value = self.storage.client.hget(FLOOR_PREFIX + encode_part(name), field)
+        return int(value) if value is not None and value.isdigit() else None
+
+    def raise_floor(self, name: str, field: str, cost: int) -> int:
+        """Make that floor at least ``cost``; returns it."""
+        with _wrapped(self.storage.uri, "floor"):
+            value = self._raise_floor(keys=[FLOOR_PREFIX + encode_part(name)], args=[field, cost])
+        return int(value)
 
 
 Ledger = DocLedger | RedisLedger

@@ -15,7 +15,7 @@ if _SHARED_TIKTOKEN.is_dir() and "TIKTOKEN_CACHE_DIR" not in os.environ:
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_SHARED_TIKTOKEN)
 
 import llmguard  # noqa: E402
-from llmguard import _config, _events, _prices, _storage  # noqa: E402
+from llmguard import _budget, _config, _events, _prices, _storage  # noqa: E402
 from llmguard.testing import CapturedEvents, capture_calls  # noqa: E402
 
 REDIS_URI = os.environ.get("LLMGUARD_TEST_REDIS", "redis://127.0.0.1:6379/15")
@@ -29,6 +29,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     _config.reset_configuration()
     _prices.reset_prices()
     _events.reset_warnings()
+    _budget.reset_registry()
     yield
     _storage.close_storages()
     _config.reset_configuration()

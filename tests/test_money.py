@@ -110,8 +110,9 @@ def test_budget_exceeded_message_prints_money() -> None:
     with pytest.raises(llmguard.BudgetExceeded) as info:
         ask("hi")  # type: ignore[operator]
     message = str(info.value)
-    assert "limit $0.000001, spent $0.00000075, reserved $0.00, this call up to $0.00000075" in (
-        message
+    assert (
+        "limit $0.000001, spent $0.00000075 (settled), $0.00 reserved by calls in flight, this call up to $0.00000075"
+        in (message)
     )
     assert not EXPONENT.search(message), message
 

@@ -24,6 +24,9 @@ async def ask(question: str, *, model: str = "gpt-4o") -> dict[str, int]:
 assert_type(summarize("x"), str)
 summarize(b"x")  # type: ignore[arg-type]
 status: llmguard.BudgetStatus = llmguard.budget_status("team")
+assert_type(
+    llmguard.budget_keys("team", storage="redis://localhost"), dict[str, llmguard.BudgetStatus]
+)
 
 
 async def use() -> None:
