@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import llmguard
 from llmguard._cache import parse_duration
+from llmguard._storage import RedisStorage
 from llmguard.testing import CapturedEvents, FakeLLMServer
 
 from .conftest import call
@@ -846,10 +847,15 @@ def test_redis_expires_entries_by_its_own_ttl(redis_uri: str) -> None:
     f("x")
     g("x")
     forever("x")
-    client = redis.Redis.from_url(redis_uri)
-    assert 85_000 < client.pttl(f.cache_key("x")) <= 90_000
-    assert 3_680_000 < client.pttl(g.cache_key("x")) <= 3_690_000  # ttl + stale_ttl
-    assert client.pttl(forever.cache_key("x")) == -1
+    storage = llmguard.open_storage(redis_uri)
+    assert isinstance(storage, RedisStorage)
+    client = redis.Redis.from_url(storage.connection_uri)
+    prefix = storage.prefix  # this test's own: the URI's ?prefix=
+    assert prefix
+    assert 85_000 < client.pttl(prefix + f.cache_key("x")) <= 90_000
+    assert 3_680_000 < client.pttl(prefix + g.cache_key("x")) <= 3_690_000  # ttl + stale_ttl
+    assert client.pttl(prefix + forever.cache_key("x")) == -1
+    client.close()
 
 
 def test_async_methods(backend: str) -> None:

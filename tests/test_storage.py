@@ -13,8 +13,6 @@ import llmguard
 from llmguard import _storage
 from llmguard._storage import LocalStorage, MemoryStorage, RedisStorage
 
-from .conftest import REDIS_URI
-
 
 class Clock:
     def __init__(self) -> None:
@@ -32,8 +30,7 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[llmguard
     elif request.param == "memory":
         backend = MemoryStorage()
     else:
-        request.getfixturevalue("redis_uri")
-        backend = RedisStorage(REDIS_URI)
+        backend = RedisStorage(request.getfixturevalue("redis_uri"))
     yield backend
     backend.close()
 
@@ -176,6 +173,46 @@ def test_redis_uri_opens_redis(redis_uri: str) -> None:
     assert isinstance(storage, RedisStorage)
     storage.set("k", b"v")
     assert storage.get("k") == b"v"
+
+
+def test_redis_prefix_keeps_every_key_under_it(redis_uri: str) -> None:
+    import secrets
+
+    import redis
+
+    mine = llmguard.open_storage(redis_uri)
+    assert isinstance(mine, RedisStorage)
+    assert mine.prefix.startswith("llmguard-test:")  # the fixture's, from the URI
+    neighbour = RedisStorage(f"{mine.connection_uri}?prefix={mine.prefix[:-1]}-neighbour:")
+    try:
+        for storage in (mine, neighbour):
+            storage.set("k", storage.prefix.encode())
+            storage.incr("n")
+        assert mine.get("k") == mine.prefix.encode()
+        assert mine.keys() == ["k", "n"]  # without the prefix, and not the neighbour's
+        assert mine.count() == 2
+    finally:
+        assert neighbour.clear() == 2
+        neighbour.close()
+    assert mine.get("k") == mine.prefix.encode()  # clearing one prefix spares the other
+
+    # Every policy writes under the prefix: cache entries and locks, budget ledgers, rate
+    # limit windows.
+    probe = f"probe-{secrets.token_hex(4)}"
+
+    @llmguard.cached(storage=redis_uri, namespace=probe)
+    @llmguard.budget(usd=1, per="total", name=probe, storage=redis_uri)
+    @llmguard.rate_limited("5/minute", tokens="9000/minute", name=probe, storage=redis_uri)
+    def ask(text: str, max_tokens: int = 10, model: str = "gpt-4o") -> str:
+        return text
+
+    assert ask("hi") == "hi"
+    assert ask.budget_status().spent_usd > 0  # type: ignore[attr-defined]
+    client = redis.Redis.from_url(mine.connection_uri)
+    written = [key.decode() for key in client.scan_iter(match=f"*{probe}*")]
+    client.close()
+    assert len(written) >= 4  # cache entry, ledger, request window, token window
+    assert all(key.startswith(mine.prefix) for key in written), written
 
 
 def test_unknown_scheme_fails_at_configuration() -> None:
