@@ -71,13 +71,15 @@ def run_python(
     without: tuple[str, ...] = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"),
     timeout: float = 300,
     check: bool = True,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``python *argv`` in a subprocess (this interpreter), with this environment less
-    ``without`` (provider keys: examples run offline) plus ``env``; output captured as
-    text."""
+    ``without`` (provider keys: examples run offline) plus ``env``; ``input`` on its
+    standard input; output captured as text."""
     clean = {k: v for k, v in os.environ.items() if k not in without}
     return subprocess.run(
         [sys.executable, *argv],
+        input=input,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import multiprocessing
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,8 @@ import pytest
 import llmguard
 from llmguard import _storage
 from llmguard._storage import LocalStorage, MemoryStorage, RedisStorage
+
+from ._helpers import in_processes
 
 
 class Clock:
@@ -22,17 +22,10 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["local", "memory", "redis"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[llmguard.Storage]:
-    """One test body, every backend."""
-    if request.param == "local":
-        backend: llmguard.Storage = LocalStorage(tmp_path / "store")
-    elif request.param == "memory":
-        backend = MemoryStorage()
-    else:
-        backend = RedisStorage(request.getfixturevalue("redis_uri"))
-    yield backend
-    backend.close()
+@pytest.fixture
+def storage(backend: str) -> llmguard.Storage:
+    """One test body, every backend (closed after the test by conftest)."""
+    return llmguard.open_storage(backend)
 
 
 def test_get_set_delete(storage: llmguard.Storage) -> None:
@@ -92,25 +85,20 @@ def test_memory_ttl_with_injected_clock() -> None:
     assert memory.get("k") is None
 
 
-def _hammer(uri: str, n: int) -> None:
+def _hammer(ready: Any, uri: str, n: int) -> None:
     storage = LocalStorage(uri) if not uri.startswith("redis") else RedisStorage(uri)
     for _ in range(n):
         storage.incr("shared")
         storage.add(f"once:{os.getpid()}", b"1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "redis"])
 def test_incr_is_atomic_across_processes(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     uri = str(tmp_path / "shared") if backend == "local" else request.getfixturevalue("redis_uri")
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_hammer, args=(uri, 200)) for _ in range(4)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
-        assert worker.exitcode == 0
+    in_processes(_hammer, uri, 200)
     storage = LocalStorage(uri) if backend == "local" else RedisStorage(uri)
     assert storage.incr("shared", 0) == 800
 
