@@ -26,6 +26,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 SHARED_TIKTOKEN = Path(__file__).resolve().parents[2] / "shared" / "tiktoken-cache"
 if SHARED_TIKTOKEN.is_dir():
@@ -42,22 +43,48 @@ def max_in_window(starts: list[float], window: float) -> int:
     return best
 
 
-async def run(calls: int, rpm: int, window: float) -> None:
+def provider(rpm: int, tpm: int, window: float, pipe: Any) -> None:
+    """The fake provider in a process of its own, as a real one is (in the client's process
+    its threads would compete with the batch for the GIL): sends its URL, and when told to
+    stop, what it saw: [(message, arrival time)] and the statuses it answered."""
     import http.server
 
-    import openai
-
-    import llmguard
-    from llmguard.testing import FakeLLMServer, capture_calls
+    from llmguard.testing import FakeLLMServer
 
     # A provider's front end accepts many pending connections; the fake server keeps
     # socketserver's default backlog of 5, which a batch's burst of connections overflows
     # (connection errors and retries that say nothing about llmguard).
     http.server.ThreadingHTTPServer.request_queue_size = 1024
-    tpm = rpm * 2000  # per window: the request limit is the one that binds
     with FakeLLMServer(rpm=rpm, tpm=tpm, window=window, reply=lambda _: "A short summary.") as fake:
+        pipe.send(fake.openai_base_url)
+        pipe.recv()
+        seen = [
+            (request.body["messages"][0]["content"], request.at)
+            for request in fake.requests
+            if request.path.endswith("/completions")
+        ]
+        pipe.send((seen, list(fake.statuses)))
+
+
+async def run(calls: int, rpm: int, window: float) -> None:
+    import multiprocessing
+
+    import openai
+
+    import llmguard
+    from llmguard.testing import capture_calls
+
+    granted: dict[str, float] = {}
+    tpm = rpm * 2000  # per window: the request limit is the one that binds
+    pipe, child_end = multiprocessing.Pipe()
+    server = multiprocessing.get_context("spawn").Process(
+        target=provider, args=(rpm, tpm, window, child_end)
+    )
+    server.start()
+    try:
+        base_url = pipe.recv()
         client = llmguard.instrument(
-            openai.AsyncOpenAI(base_url=fake.openai_base_url, api_key="bench", max_retries=0)
+            openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0)
         )
 
         @llmguard.cached(ttl="7d")
@@ -73,11 +100,20 @@ async def run(calls: int, rpm: int, window: float) -> None:
             f"{rpm} per {window:g} seconds", tokens=f"{tpm} per {window:g} seconds"
         )
         async def summarize(text: str, *, model: str = "gpt-4o") -> str:
+            granted.setdefault(f"Summarize: {text}", time.time())  # the limiter let it go
             response = await client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": f"Summarize: {text}"}]
             )
             return response.choices[0].message.content or ""
 
+        # Warm the SDK (its lazily imported chat resources, its HTTP stack) without spending
+        # the provider's limit, as a running service's client is: a cold first request is
+        # late by a second, and the provider's window then sees two batches at once.
+        _ = client.chat.completions
+        try:
+            await client.models.list()  # the fake answers 501: no limit spent
+        except Exception:
+            pass
         documents = [f"Document {i}: quarterly figures for region {i % 7}." for i in range(calls)]
         started = time.monotonic()
         with capture_calls() as events:
@@ -85,10 +121,17 @@ async def run(calls: int, rpm: int, window: float) -> None:
                 *(summarize(doc) for doc in documents), return_exceptions=True
             )
         elapsed = time.monotonic() - started
-        statuses = list(fake.statuses)
-        arrivals = [
-            request.at for request in fake.requests if request.path.endswith("/completions")
-        ]
+        pipe.send("stop")
+        seen, statuses = pipe.recv()
+    finally:
+        server.join(30)
+        if server.is_alive():
+            server.kill()
+    first_arrival: dict[str, float] = {}
+    for text, at in seen:
+        first_arrival.setdefault(text, at)
+    delays = sorted(at - granted[text] for text, at in first_arrival.items())
+    arrivals = [at for _, at in seen]
 
     failed = [r for r in results if isinstance(r, BaseException)]
     retries = events.of("llm_retry")
@@ -114,6 +157,12 @@ async def run(calls: int, rpm: int, window: float) -> None:
     print(f"most requests in a window  {max_in_window(arrivals, window)} (limit {rpm})")
     print(f"% of the limit reached     {reached:.1%} (steady state: {steady:.2f}/s)")
     print(f"rate-limit queueing        {queued:.0f}s summed over calls")
+    if delays:
+        p50, p95 = delays[len(delays) // 2], delays[int(len(delays) * 0.95)]
+        print(
+            f"grant to arrival           p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
+            f"max {delays[-1] * 1000:.0f} ms (the limiter's margin: {window * 20:.0f} ms)"
+        )
 
 
 def main() -> None:

@@ -19,12 +19,23 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, ParamSpec, TypeVar
 
 from ._config import UNSET, _Unset, storage_uri
 from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge
-from ._pipeline import PROCEED, Blocking, CallRecord, PromptFn, Sleep, check_options, guard
+from ._pipeline import (
+    PROCEED,
+    Blocking,
+    Call,
+    CallRecord,
+    PromptFn,
+    Sleep,
+    check_options,
+    guard,
+)
 from ._storage import _scheme, open_storage, split_redis_prefix, validate_uri
 
 P = ParamSpec("P")
@@ -84,6 +95,80 @@ def limits_storage(uri: str | None, clock: Callable[[], float] = time.time) -> t
                 )
             _limits_storages[(chosen, clock)] = found
     return found
+
+
+class _WaitQueue:
+    """The calls of this process waiting for one limit, first come first served: only the
+    head of the queue asks the storage and sleeps until the window frees; the others wait
+    their turn without polling. So a window that frees a slot wakes one call, not every
+    waiting one (a batch of 1,000 would otherwise stampede the storage and the event loop at
+    every window, delaying the calls it lets through). Threads and event loops alike."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held = False
+        self._waiters: deque[Any] = deque()  # threading.Event | (loop, future)
+
+    def busy(self) -> bool:
+        return self._held
+
+    def acquire(self) -> None:
+        with self._lock:
+            if not self._held:
+                self._held = True
+                return
+            turn = threading.Event()
+            self._waiters.append(turn)
+        turn.wait()  # release() hands the queue over to us
+
+    async def acquire_async(self) -> None:
+        import asyncio
+
+        with self._lock:
+            if not self._held:
+                self._held = True
+                return
+            loop = asyncio.get_running_loop()
+            turn = loop.create_future()
+            self._waiters.append((loop, turn))
+        try:
+            await turn
+        except BaseException:  # cancelled: if the queue was handed over already, pass it on
+            if turn.done() and not turn.cancelled():
+                self.release()
+            raise
+
+    def release(self) -> None:
+        with self._lock:
+            while self._waiters:
+                turn = self._waiters.popleft()
+                if isinstance(turn, threading.Event):
+                    turn.set()
+                    return
+                loop, future = turn
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(self._hand_over, future)
+                    return
+            self._held = False
+
+    def _hand_over(self, future: Any) -> None:
+        if future.cancelled():  # its caller went away: the next one's turn
+            self.release()
+        else:
+            future.set_result(None)
+
+
+_queues: weakref.WeakValueDictionary[tuple[int, tuple[str, ...]], _WaitQueue] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def _queue_for(storage: Any, ids: tuple[str, ...]) -> _WaitQueue:
+    with _limits_lock:
+        queue = _queues.get((id(storage), ids))
+        if queue is None:
+            queue = _queues[(id(storage), ids)] = _WaitQueue()
+        return queue
 
 
 def _parse(rates: str, what: str) -> list[Any]:
@@ -214,10 +299,21 @@ class _RateLimitLayer:
                     limit=str(item),
                 )
         waited = 0.0
+        queue: _WaitQueue | None = None  # while waiting with no bound: our place in line
+        held = False
         try:
             while True:
                 if self._strategies is None or self._remote:
                     self.strategies()
+                if queue is None and self.block and self.max_wait is None:
+                    line = _queue_for(self._strategies[0] if self._strategies else None, ids)
+                    if line.busy():  # others already wait for this limit: queue behind them
+                        queue = line
+                if queue is not None and not held:
+                    before = self.clock()
+                    yield Call(queue.acquire, queue.acquire_async)
+                    held = True
+                    waited += max(self.clock() - before, 0.0)
                 if self._remote:
                     wait, item = yield Blocking(lambda: self._attempt(ids, cost))
                 else:
@@ -237,9 +333,15 @@ class _RateLimitLayer:
                         retry_after=wait,
                         limit=str(item),
                     )
+                if queue is None and self.max_wait is None:  # take a place in line first
+                    queue = _queue_for(self._strategies[0] if self._strategies else None, ids)
+                    continue
                 yield Sleep(wait, sleep=self.sleep, async_sleep=self.async_sleep)
                 waited += wait
         finally:  # summed over the attempts of a retried call (and stacked limiters)
+            if held and queue is not None:
+                queue.release()  # the next in line asks at once: the window may hold more
+                held = False
             call.fields["rate_wait_s"] = round(call.fields.get("rate_wait_s", 0.0) + waited, 3)
         return (yield PROCEED)
 

@@ -91,8 +91,8 @@ def run_python(
 class VirtualClock:
     """Time that moves only when someone sleeps: ``clock=``, ``sleep=`` and ``async_sleep=``
     for the decorators. :meth:`gather` runs coroutines concurrently in virtual time: when
-    every one of them is asleep, time jumps to the earliest wake-up. (Coroutines that wait on
-    anything else, such as a thread, are waited for in real time.)"""
+    none of them can run (each asleep, or waiting for one that is), time jumps to the earliest
+    wake-up. (Not for coroutines that wait on threads or the network.)"""
 
     def __init__(self, now: float = 1_000_000.0, *, horizon: float = 86_400.0) -> None:
         self.now = self.start = now
@@ -138,10 +138,14 @@ class VirtualClock:
 
         for task in tasks:
             task.add_done_callback(finished)
+        loop = asyncio.get_running_loop()
         try:
             while running[0]:
                 await asyncio.sleep(0)  # every runnable task takes a step
-                if running[0] and len(self._sleepers) == running[0]:  # all asleep
+                # Idle: nothing left to run (asleep here, or waiting for one that is).
+                ready = getattr(loop, "_ready", None)  # CPython's run queue
+                idle = not ready if ready is not None else len(self._sleepers) == running[0]
+                if running[0] and self._sleepers and idle:
                     at = self._sleepers[0][0]
                     self._advance_to(at)
                     while self._sleepers and self._sleepers[0][0] <= at:

@@ -266,9 +266,20 @@ def test_a_batch_queued_past_30s_finishes_without_retries(events: CapturedEvents
     )
     async def summarize(text: str, *, model: str = "gpt-4o", max_tokens: int = 100) -> str:
         starts.append(clock())
+        order.append(text)
         llmguard.record_usage(20, 10)
         return f"summary of {text}"
 
+    order: list[str] = []
+    limiter = summarize.__llmguard__.layers[-1]  # type: ignore[attr-defined]
+    attempts = [0]
+    attempt = limiter._attempt
+
+    def counted(*args: Any) -> Any:
+        attempts[0] += 1
+        return attempt(*args)
+
+    limiter._attempt = counted
     documents = [f"Document {i}: quarterly figures." for i in range(1000)]
     results = asyncio.run(clock.gather(*(summarize(doc) for doc in documents)))
     assert [r for r in results if isinstance(r, BaseException)] == []
@@ -280,6 +291,10 @@ def test_a_batch_queued_past_30s_finishes_without_retries(events: CapturedEvents
     assert max(waits) > 150  # the last documents queued far longer than 30 s
     # 1,000 calls at 60 per 10.2 s (window + margin): the 17th window, not later
     assert clock.now - clock.start == pytest.approx(16 * 10.2)
+    # Waiting calls queue first come, first served, and only the head asks the storage: a
+    # freed window wakes one call, not all 940 (which made ~9,000 attempts, a stampede).
+    assert order == documents
+    assert attempts[0] < 2.1 * len(documents)
 
 
 def test_bad_configuration_fails_at_decoration() -> None:
