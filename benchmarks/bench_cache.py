@@ -1,13 +1,15 @@
 """Cost of a cache hit, in one run.
 
-    python benchmarks/bench_cache.py [--calls 20000] [--redis redis://127.0.0.1:6379/15]
+    python benchmarks/bench_cache.py [--calls 20000] [--redis redis://127.0.0.1:6379/0]
 
 A function taking a 2 KB prompt and returning a 500-character answer, called repeatedly
 with the same prompt, so every call after the first is a hit. Median and p99 of single
 calls for: ``@cached`` on local disk (its ``llm_call`` event rendered as JSON to /dev/null,
 and with events dropped by the log level), ``@cached`` on Redis over loopback,
 ``diskcache.Cache.memoize``, ``joblib.Memory`` (if installed), ``functools.lru_cache`` and
-a raw ``diskcache`` get (the floor for anything on disk).
+a raw ``diskcache`` get (the floor for anything on disk). On Redis it writes only under a
+key prefix of its own run (``?prefix=llmguard-bench:<random>:``) and deletes those keys at
+the end: nothing else in the database is touched.
 Targets (issue 3): ``@cached`` hit <= 40 us median on local disk, <= 300 us with Redis.
 """
 
@@ -17,6 +19,7 @@ import argparse
 import functools
 import os
 import platform
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -44,7 +47,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--calls", type=int, default=20000)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/15")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
     print(f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}")
     text = prompts(1)[0]
@@ -59,13 +62,18 @@ def main() -> None:
         quiet = llmguard.cached(storage=f"file://{folder}/llmguard-quiet")(answer)
         bench("@cached, local disk (event filtered)", quiet, text, args.calls)
         llmguard.configure_logging(json=True, file=devnull)
+        separator = "&" if "?" in args.redis else "?"
+        redis_uri = f"{args.redis}{separator}prefix=llmguard-bench:{secrets.token_hex(6)}:"
         try:
-            remote = llmguard.cached(storage=args.redis, namespace="bench")(answer)
-            remote.cache_clear()
+            remote = llmguard.cached(storage=redis_uri, namespace="bench")(answer)
             bench("@cached, Redis on loopback (event rendered)", remote, text, args.calls // 4)
-            remote.cache_clear()
         except llmguard.StorageError as exc:
             print(f"@cached, Redis: skipped ({exc})")
+        finally:
+            try:
+                llmguard.open_storage(redis_uri).clear()  # this run's keys, and only those
+            except llmguard.StorageError:
+                pass
 
         dc = diskcache.Cache(f"{folder}/diskcache")
         bench("diskcache.Cache.memoize", dc.memoize()(answer), text, args.calls)

@@ -87,7 +87,7 @@ def render_html(report: Report) -> str:
         ("Saved by routing", format_usd(t.saved_routing_usd)),
         ("Cache hit rate", f"{report.cache_hit_rate:.1%}"),
         ("Retries", report.retries),
-        ("Rate-limit waits", f"{report.rate_wait_s}s"),
+        ("Rate-limit queueing, summed over calls", f"{report.rate_wait_s}s"),
         ("Errors", t.errors),
         ("Budget alerts", len(report.budget_alerts)),
     ]

@@ -334,7 +334,8 @@ class RedisLedger:
     ) -> tuple[bool, int, int]:
         with _wrapped(self.storage.uri, "reserve"):
             ok, spent, held = self._reserve(
-                keys=[key], args=[limit, amount, rid, expires_ms, now_ms, self._ttl(ttl)]
+                keys=[self.storage.key(key)],
+                args=[limit, amount, rid, expires_ms, now_ms, self._ttl(ttl)],
             )
         return bool(ok), int(spent), int(held)
 
@@ -342,12 +343,14 @@ class RedisLedger:
         self, key: str, rid: str | None, actual: int, now_ms: int, ttl: float | None
     ) -> tuple[int, int]:
         with _wrapped(self.storage.uri, "settle"):
-            spent, held = self._settle(keys=[key], args=[rid or "", actual, now_ms, self._ttl(ttl)])
+            spent, held = self._settle(
+                keys=[self.storage.key(key)], args=[rid or "", actual, now_ms, self._ttl(ttl)]
+            )
         return int(spent), int(held)
 
     def status(self, key: str, now_ms: int) -> tuple[int, int]:
         with _wrapped(self.storage.uri, "status"):
-            spent, held = self._status(keys=[key], args=[now_ms])
+            spent, held = self._status(keys=[self.storage.key(key)], args=[now_ms])
         return int(spent), int(held)
 
     def reset(self, key: str) -> None:
@@ -355,7 +358,7 @@ class RedisLedger:
 
     def limit(self, key: str) -> int | None:
         with _wrapped(self.storage.uri, "status"):
-            value = self.storage.client.hget(key, "limit")
+            value = self.storage.client.hget(self.storage.key(key), "limit")
         return None if value is None else int(value)
 
     def floor(self, name: str, field: str) -> int | None:

@@ -1,15 +1,21 @@
 """A ``limits`` storage over diskcache: rate limits shared by every process on one machine,
-with no server. Registered with ``limits`` under the scheme ``llmguard+file``.
+with no server. Registered with ``limits`` under the scheme ``llmguard+file``; the same code
+over a dict serves ``memory://`` (``llmguard+memory``).
 
 Each acquisition runs in one SQLite transaction, so the moving window (one timestamp per
 request) and the sliding window counter (two counters per key) stay exact across processes.
+Both read the time from ``clock`` (``time.time`` unless ``@rate_limited(clock=...)`` gives
+another), so tests can move time instead of sleeping. diskcache expires idle keys by real
+time, so under another clock the folder's keys are left to the windows' own arithmetic.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
+from collections.abc import Callable, Iterator
 from math import floor
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -28,17 +34,28 @@ class DiskCacheLimitsStorage(
     STORAGE_SCHEME = ["llmguard+file"]  # noqa: RUF012 - the attribute limits reads
 
     def __init__(
-        self, uri: str | None = None, wrap_exceptions: bool = False, **options: Any
+        self,
+        uri: str | None = None,
+        wrap_exceptions: bool = False,
+        clock: Callable[[], float] = time.time,
+        **options: Any,
     ) -> None:
         from ._storage import LocalStorage
 
         parts = urlsplit(uri or "")
         self.local = LocalStorage(unquote(parts.netloc + parts.path))
+        self.clock = clock
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
         return (OSError, sqlite3.Error)
+
+    def _ttl(self, seconds: float) -> float | None:
+        """diskcache's expiry for a key living ``seconds`` by the clock: real time only
+        matches the real clock (a virtual one may move slower, and keys must not expire
+        early)."""
+        return seconds if self.clock is time.time else None
 
     @property
     def _cache(self) -> Any:
@@ -46,7 +63,13 @@ class DiskCacheLimitsStorage(
 
     # -- counters (fixed window, and the sliding window's two windows) ----------------------
     def incr(self, key: str, expiry: float, amount: int = 1) -> int:
-        return self.local.incr(_PREFIX + key, amount, ttl=expiry)
+        cache = self._cache
+        with cache.transact():
+            created = cache.get(_PREFIX + key) is None
+            value = int(cache.incr(_PREFIX + key, amount, default=0))
+            if created:
+                cache.touch(_PREFIX + key, expire=self._ttl(expiry))
+            return value
 
     def decr(self, key: str, amount: int = 1) -> int:
         cache = self._cache
@@ -61,7 +84,7 @@ class DiskCacheLimitsStorage(
 
     def get_expiry(self, key: str) -> float:
         _, expire_time = self._cache.get(_PREFIX + key, expire_time=True)
-        return float(expire_time) if expire_time else time.time()
+        return float(expire_time) if expire_time else self.clock()
 
     def check(self) -> bool:
         try:
@@ -71,7 +94,9 @@ class DiskCacheLimitsStorage(
             return False
 
     def reset(self) -> int | None:
-        return self.local.clear(_PREFIX)
+        cache = self._cache
+        doomed = [k for k in cache.iterkeys() if isinstance(k, str) and k.startswith(_PREFIX)]
+        return sum(1 for key in doomed if cache.delete(key))
 
     def clear(self, key: str) -> None:
         self._cache.delete(_PREFIX + key)
@@ -87,16 +112,16 @@ class DiskCacheLimitsStorage(
             return False
         cache = self._cache
         with cache.transact():
-            now = time.time()
+            now = self.clock()
             entries = self._window(key, expiry, now)
             if len(entries) + amount > limit:
                 return False
             entries[:0] = [now] * amount
-            cache.set(_PREFIX + key, json.dumps(entries), expire=expiry)
+            cache.set(_PREFIX + key, json.dumps(entries), expire=self._ttl(expiry))
             return True
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
-        now = time.time()
+        now = self.clock()
         entries = self._window(key, expiry, now)
         return (entries[-1], len(entries)) if entries else (now, 0)
 
@@ -115,7 +140,7 @@ class DiskCacheLimitsStorage(
         if amount > limit:
             return False
         with self._cache.transact():
-            now = time.time()
+            now = self.clock()
             previous, previous_ttl, current, _ = self._sliding(key, expiry, now)
             if floor(previous * previous_ttl / expiry + current) + amount > limit:
                 return False
@@ -123,11 +148,93 @@ class DiskCacheLimitsStorage(
             return True
 
     def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
-        return self._sliding(key, expiry, time.time())
+        return self._sliding(key, expiry, self.clock())
 
     def clear_sliding_window(self, key: str, expiry: int) -> None:
-        for window_key in self.sliding_window_keys(key, expiry, time.time()):
+        for window_key in self.sliding_window_keys(key, expiry, self.clock()):
             self.clear(window_key)
+
+
+class _DictCache:
+    """The part of ``diskcache.Cache`` that :class:`DiskCacheLimitsStorage` uses, as a dict
+    in this process, expiring entries by ``clock``."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._data: dict[str, tuple[Any, float | None]] = {}
+        self._lock = threading.RLock()
+
+    def transact(self) -> threading.RLock:
+        return self._lock
+
+    def _live(self, key: str) -> tuple[Any, float | None] | None:
+        item = self._data.get(key)
+        if item is not None and item[1] is not None and item[1] <= self.clock():
+            del self._data[key]
+            return None
+        return item
+
+    def get(self, key: str, default: Any = None, expire_time: bool = False) -> Any:
+        with self._lock:
+            item = self._live(key)
+        if expire_time:
+            return (default, None) if item is None else item
+        return default if item is None else item[0]
+
+    def set(self, key: str, value: Any, expire: float | None = None) -> None:
+        with self._lock:
+            self._data[key] = (value, None if expire is None else self.clock() + expire)
+
+    def incr(self, key: str, delta: int = 1, default: int = 0) -> int:
+        with self._lock:
+            item = self._live(key)
+            value, expires = (default, None) if item is None else item
+            self._data[key] = (int(value) + delta, expires)
+            return int(value) + delta
+
+    def touch(self, key: str, expire: float | None = None) -> bool:
+        with self._lock:
+            item = self._live(key)
+            if item is None:
+                return False
+            self._data[key] = (item[0], None if expire is None else self.clock() + expire)
+            return True
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            return self._live(key) is not None and self._data.pop(key, None) is not None
+
+    def iterkeys(self) -> Iterator[str]:
+        with self._lock:
+            return iter([key for key in list(self._data) if self._live(key) is not None])
+
+
+class MemoryLimitsStorage(DiskCacheLimitsStorage):
+    """The same limits storage over a dict in this process: ``memory://`` rate limits."""
+
+    STORAGE_SCHEME = ["llmguard+memory"]  # noqa: RUF012 - the attribute limits reads
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        wrap_exceptions: bool = False,
+        clock: Callable[[], float] = time.time,
+        **options: Any,
+    ) -> None:
+        self.clock = clock
+        self._dict = _DictCache(clock)
+        Storage.__init__(self, uri, wrap_exceptions=wrap_exceptions, **options)
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return ValueError
+
+    def _ttl(self, seconds: float) -> float | None:
+        return seconds  # the dict expires keys by the clock itself
+
+    @property
+    def _cache(self) -> Any:
+        return self._dict
 
 
 # limits' own acquire script, but expiring the key in milliseconds: llmguard widens request

@@ -9,12 +9,18 @@ could land in one provider window and draw a 429. Token limits use limits'
 *sliding window counter*, because a moving window stores one entry per unit of cost (per
 token); the counter approximates the window from two counters, weighting the previous one
 by how much of it still overlaps.
+
+Waiting for the window is queueing, not a failure: by default a blocked call waits as long
+as its window needs (``max_wait=None``), and ``@retry_on_rate_limit`` neither retries a
+local refusal nor counts the queueing against its ``max_time``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, ParamSpec, TypeVar
 
@@ -23,6 +29,7 @@ from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge
 from ._pipeline import (
     PROCEED,
     Blocking,
+    Call,
     CallRecord,
     PromptFn,
     Sleep,
@@ -30,46 +37,140 @@ from ._pipeline import (
     check_options,
     guard,
 )
-from ._storage import _scheme, open_storage, validate_uri
+from ._storage import _scheme, open_storage, split_redis_prefix, validate_uri
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_limits_storages: dict[str, Any] = {}
+_limits_storages: dict[tuple[str, Callable[[], float]], Any] = {}
 _limits_lock = threading.Lock()
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
-def limits_storage(uri: str | None) -> tuple[Any, bool]:
-    """The ``limits`` storage for an llmguard storage URI (one per URI per process), and
-    whether it is remote: diskcache via llmguard's own backend for local storage, limits'
-    memory storage for ``memory://``, limits' Redis storage for ``redis://``."""
+def _clock_refused(uri: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"@rate_limited(clock=...) needs local or memory:// storage, not {uri!r}: Redis "
+        "expires rate-limit keys by its own clock, so an injected one cannot reach it"
+    )
+
+
+def limits_storage(uri: str | None, clock: Callable[[], float] = time.time) -> tuple[Any, bool]:
+    """The ``limits`` storage for an llmguard storage URI (one per URI and clock per
+    process), and whether it is remote: llmguard's own over diskcache for local storage and
+    over a dict for ``memory://`` (both read time from ``clock``), limits' Redis storage for
+    ``redis://`` (keys under the URI's ``?prefix=``)."""
     chosen = uri or storage_uri()
+    scheme = _scheme(chosen)
+    if scheme in ("local", "disk", "file"):  # "local" names a folder that settings may move
+        chosen = open_storage(chosen).uri
     with _limits_lock:
-        found = _limits_storages.get(chosen)
+        found = _limits_storages.get((chosen, clock))
         if found is None:
-            import limits.storage
-
             validate_uri(chosen)  # a missing extra is named as such, not as limits words it
-            scheme = _scheme(chosen)
             if scheme in ("local", "disk", "file"):
                 from ._limits_storage import DiskCacheLimitsStorage
                 from ._storage import LocalStorage
 
                 local = open_storage(chosen)
                 assert isinstance(local, LocalStorage)
-                found = (DiskCacheLimitsStorage(f"llmguard+file://{local.directory}"), False)
+                found = (
+                    DiskCacheLimitsStorage(f"llmguard+file://{local.directory}", clock=clock),
+                    False,
+                )
             elif scheme == "memory":
-                found = (limits.storage.MemoryStorage(), False)
-            elif scheme in ("redis", "rediss", "unix"):
+                from ._limits_storage import MemoryLimitsStorage
+
+                found = (MemoryLimitsStorage(clock=clock), False)
+            elif scheme in _REDIS_SCHEMES:
+                if clock is not time.time:
+                    raise _clock_refused(chosen)
                 from ._limits_storage import RedisMovingWindowStorage
 
-                found = (RedisMovingWindowStorage(chosen), True)
+                connection_uri, prefix = split_redis_prefix(chosen)
+                found = (
+                    RedisMovingWindowStorage(connection_uri, key_prefix=f"{prefix}LIMITS"),
+                    True,
+                )
             else:
                 raise ConfigurationError(
                     f"rate limits need local, memory:// or redis:// storage, not {chosen!r}"
                 )
-            _limits_storages[chosen] = found
+            _limits_storages[(chosen, clock)] = found
     return found
+
+
+class _WaitQueue:
+    """The calls of this process waiting for one limit, first come first served: only the
+    head of the queue asks the storage and sleeps until the window frees; the others wait
+    their turn without polling. So a window that frees a slot wakes one call, not every
+    waiting one (a batch of 1,000 would otherwise stampede the storage and the event loop at
+    every window, delaying the calls it lets through). Threads and event loops alike."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held = False
+        self._waiters: deque[Any] = deque()  # threading.Event | (loop, future)
+
+    def busy(self) -> bool:
+        return self._held
+
+    def acquire(self) -> None:
+        with self._lock:
+            if not self._held:
+                self._held = True
+                return
+            turn = threading.Event()
+            self._waiters.append(turn)
+        turn.wait()  # release() hands the queue over to us
+
+    async def acquire_async(self) -> None:
+        import asyncio
+
+        with self._lock:
+            if not self._held:
+                self._held = True
+                return
+            loop = asyncio.get_running_loop()
+            turn = loop.create_future()
+            self._waiters.append((loop, turn))
+        try:
+            await turn
+        except BaseException:  # cancelled: if the queue was handed over already, pass it on
+            if turn.done() and not turn.cancelled():
+                self.release()
+            raise
+
+    def release(self) -> None:
+        with self._lock:
+            while self._waiters:
+                turn = self._waiters.popleft()
+                if isinstance(turn, threading.Event):
+                    turn.set()
+                    return
+                loop, future = turn
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(self._hand_over, future)
+                    return
+            self._held = False
+
+    def _hand_over(self, future: Any) -> None:
+        if future.cancelled():  # its caller went away: the next one's turn
+            self.release()
+        else:
+            future.set_result(None)
+
+
+_queues: weakref.WeakValueDictionary[tuple[int, tuple[str, ...]], _WaitQueue] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def _queue_for(storage: Any, ids: tuple[str, ...]) -> _WaitQueue:
+    with _limits_lock:
+        queue = _queues.get((id(storage), ids))
+        if queue is None:
+            queue = _queues[(id(storage), ids)] = _WaitQueue()
+        return queue
 
 
 def _parse(rates: str, what: str) -> list[Any]:
@@ -96,10 +197,11 @@ class _RateLimitLayer:
         name: str | None,
         key: Callable[..., Any] | None,
         block: bool,
-        max_wait: float,
+        max_wait: float | None,
         storage: str | None,
         default_output_tokens: int,
         margin: float | None,
+        clock: Callable[[], float],
         sleep: Callable[[float], None] | None,
         async_sleep: Callable[[float], Awaitable[None]] | None,
     ) -> None:
@@ -112,6 +214,7 @@ class _RateLimitLayer:
         self.storage_uri = storage
         self.default_output_tokens = default_output_tokens
         self.margin = margin
+        self.clock = clock
         self.sleep = sleep
         self.async_sleep = async_sleep
         self._strategies: tuple[Any, Any] | None = None
@@ -122,7 +225,7 @@ class _RateLimitLayer:
         if self._strategies is None:
             from limits.strategies import SlidingWindowCounterRateLimiter
 
-            storage, self._remote = limits_storage(self.storage_uri)
+            storage, self._remote = limits_storage(self.storage_uri, self.clock)
             self._strategies = (storage, SlidingWindowCounterRateLimiter(storage))
         return self._strategies
 
@@ -141,7 +244,7 @@ class _RateLimitLayer:
         oldest, count = storage.get_moving_window(item.key_for(*ids), item.amount, expiry)
         if count < item.amount:
             return 0.0
-        return max(float(oldest) + float(expiry) - time.time(), 0.005)
+        return max(float(oldest) + float(expiry) - self.clock(), 0.005)
 
     def _attempt(self, ids: tuple[str, ...], cost: int) -> tuple[float, Any]:
         """Take a request slot and ``cost`` tokens; (0, None) when taken, else (seconds to
@@ -154,20 +257,34 @@ class _RateLimitLayer:
                 return wait, item
         for item in self.tokens:
             if not sliding.test(item, *ids, cost=cost):
-                return self._sliding_wait(sliding, item, ids), item
+                return self._sliding_wait(storage, item, ids), item
         for item in self.requests:
             expiry = self._expiry(item)
             if not storage.acquire_entry(item.key_for(*ids), item.amount, expiry):
                 return max(self._moving_wait(storage, item, ids), 0.005), item
         for item in self.tokens:
             if not sliding.hit(item, *ids, cost=cost):
-                return self._sliding_wait(sliding, item, ids), item
+                return self._sliding_wait(storage, item, ids), item
         return 0.0, None
 
     @staticmethod
-    def _sliding_wait(limiter: Any, item: Any, ids: tuple[str, ...]) -> float:
-        stats = limiter.get_window_stats(item, *ids)
-        return max(float(stats.reset_time) - time.time(), 0.005)
+    def _sliding_wait(storage: Any, item: Any, ids: tuple[str, ...]) -> float:
+        """Seconds until the sliding window counter frees a unit: limits'
+        ``get_window_stats`` arithmetic, without its ``time.time()`` (so the clock rules)."""
+        previous, previous_in, current, current_in = storage.get_sliding_window(
+            item.key_for(*ids), item.get_expiry()
+        )
+        expiry = float(item.get_expiry())
+        waits = [expiry]
+        if previous:
+            waits.append(float(previous_in) % (expiry / previous))
+        if current:
+            waits.append(float(current_in) % expiry)
+        return max(min(waits), 0.005)
+
+    @staticmethod
+    def _describe(item: Any, tokens: bool) -> str:
+        return f"{'token' if tokens else 'request'} limit {item}"
 
     def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
         ids: tuple[str, ...] = ("llmguard", self.name or call.spec.name)
@@ -184,32 +301,50 @@ class _RateLimitLayer:
                     limit=str(item),
                 )
         waited = 0.0
+        queue: _WaitQueue | None = None  # while waiting with no bound: our place in line
+        held = False
         try:
             while True:
                 if self._strategies is None or self._remote:
                     self.strategies()
+                if queue is None and self.block and self.max_wait is None:
+                    line = _queue_for(self._strategies[0] if self._strategies else None, ids)
+                    if line.busy():  # others already wait for this limit: queue behind them
+                        queue = line
+                if queue is not None and not held:
+                    before = self.clock()
+                    yield Call(queue.acquire, queue.acquire_async)
+                    held = True
+                    waited += max(self.clock() - before, 0.0)
                 if self._remote:
                     wait, item = yield Blocking(lambda: self._attempt(ids, cost))
                 else:
                     wait, item = self._attempt(ids, cost)
                 if not wait:
                     break
-                if not self.block or waited + wait > self.max_wait:
+                if not self.block or (self.max_wait is not None and waited + wait > self.max_wait):
+                    what = self._describe(item, any(item is t for t in self.tokens))
                     raise RateLimitExceeded(
-                        f"{call.spec.name}: rate limit {item} reached; it would allow this call "
+                        f"{call.spec.name}: {what} reached; it would allow this call "
                         f"in {wait:.3f}s"
                         + (
-                            ""
+                            " (block=False)"
                             if not self.block
                             else f" (waited {waited:.3f}s of max_wait {self.max_wait:g}s)"
                         ),
                         retry_after=wait,
                         limit=str(item),
                     )
+                if queue is None and self.max_wait is None:  # take a place in line first
+                    queue = _queue_for(self._strategies[0] if self._strategies else None, ids)
+                    continue
                 yield Sleep(wait, sleep=self.sleep, async_sleep=self.async_sleep)
                 waited += wait
-        finally:
-            call.fields["rate_wait_s"] = round(waited, 3)
+        finally:  # summed over the attempts of a retried call (and stacked limiters)
+            if held and queue is not None:
+                queue.release()  # the next in line asks at once: the window may hold more
+                held = False
+            call.fields["rate_wait_s"] = round(call.fields.get("rate_wait_s", 0.0) + waited, 3)
         return (yield PROCEED)
 
 
@@ -220,10 +355,11 @@ def rate_limited(
     name: str | None = None,
     key: Callable[..., Any] | None = None,
     block: bool = True,
-    max_wait: float = 30,
+    max_wait: float | None = None,
     storage: str | None = None,
     default_output_tokens: int = 1024,
     margin: float | None = None,
+    clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] | None = None,
     async_sleep: Callable[[float], Awaitable[None]] | None = None,
     model: str | _Unset | None = UNSET,
@@ -238,14 +374,18 @@ def rate_limited(
     ``max_output_tokens`` argument, else ``default_output_tokens``). Functions with the same
     ``name`` share limits (default: each function its own); ``key`` (given the call's
     arguments by name) gives each user or tenant their own. ``block=True`` waits until the
-    window allows the call (``await``ing in async functions) and raises
-    ``RateLimitExceeded(retry_after=...)`` past ``max_wait``; ``block=False`` raises at
-    once. A call needing more tokens than a whole window allows raises ``RequestTooLarge``.
+    window allows the call (``await``ing in async functions), as long as that takes by
+    default; with ``max_wait`` seconds it raises ``RateLimitExceeded(retry_after=...)`` past
+    that (for servers that must answer in time); ``block=False`` raises at once.
+    ``@retry_on_rate_limit`` never retries these local refusals. A call needing more tokens
+    than a whole window allows raises ``RequestTooLarge`` at once, whatever ``max_wait``.
     The limit holds across processes (local storage, the default), in one process
     (``memory://``) or across machines (``redis://``). ``margin`` widens request windows by
     that many seconds (default: 2% of the window, at least 50 ms), so requests still fit the
     provider's window when they reach it a little after their grant. The event gets
-    ``rate_wait_s``.
+    ``rate_wait_s`` (seconds queued, summed over the call's attempts). ``clock``, ``sleep``
+    and ``async_sleep`` make waits exact and instant in tests (``clock`` with local or
+    ``memory://`` storage: Redis keeps its own time).
     """
     if rate is not None and not isinstance(rate, str):
         raise ConfigurationError(
@@ -257,8 +397,10 @@ def rate_limited(
     token_items = _parse(tokens, "tokens") if tokens is not None else []
     options = {"model": model, "prompt": prompt, "log_content": log_content}
     check_options("rate_limited", options)
-    if not isinstance(max_wait, (int, float)) or max_wait < 0:
-        raise ConfigurationError(f"max_wait must be seconds >= 0, got {max_wait!r}")
+    if max_wait is not None and (not isinstance(max_wait, (int, float)) or max_wait < 0):
+        raise ConfigurationError(f"max_wait must be seconds >= 0 or None, got {max_wait!r}")
+    if not callable(clock):
+        raise ConfigurationError("@rate_limited(clock=...) must be callable")
     if margin is not None and (not isinstance(margin, (int, float)) or margin < 0):
         raise ConfigurationError(f"margin must be seconds >= 0, got {margin!r}")
     if not isinstance(default_output_tokens, int) or default_output_tokens < 0:
@@ -271,16 +413,19 @@ def rate_limited(
             raise ConfigurationError(
                 f"rate limits need local, memory:// or redis:// storage, not {storage!r}"
             )
+        if clock is not time.time and _scheme(storage) in _REDIS_SCHEMES:
+            raise _clock_refused(storage)
     layer = _RateLimitLayer(
         requests=requests_items,
         tokens=token_items,
         name=name,
         key=key,
         block=block,
-        max_wait=float(max_wait),
+        max_wait=None if max_wait is None else float(max_wait),
         storage=storage,
         default_output_tokens=default_output_tokens,
         margin=None if margin is None else float(margin),
+        clock=clock,
         sleep=sleep,
         async_sleep=async_sleep,
     )

@@ -242,7 +242,7 @@ def render_table(report: Report) -> str:
         f"saved by cache   {format_usd(t.saved_cache_usd)}  (hit rate {report.cache_hit_rate:.1%})",
         f"saved by routing {format_usd(t.saved_routing_usd)}",
         f"retries          {report.retries}  ({report.retry_wait_s}s waiting)",
-        f"rate-limit waits {report.rate_wait_s}s",
+        f"rate-limit queue {report.rate_wait_s}s  (summed over calls: concurrent waits add up)",
         f"errors           {t.errors}"
         + (
             ""

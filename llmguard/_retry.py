@@ -1,11 +1,13 @@
 """``@retry_on_rate_limit``: absorb 429s (and, optionally, server errors) the way the
 provider asks.
 
-When the error carries ``retry-after-ms``, ``retry-after`` (seconds or an HTTP date) or a
-``RateLimitExceeded.retry_after``, the wait is that long plus a little jitter (capped by
-``max_wait``); otherwise it is exponential backoff with full jitter (backoff's ``expo`` and
-``full_jitter``). A 429 that means the quota or spend limit is exhausted is never retried:
-waiting cannot help. SDK exception types are recognised by name, so no SDK is imported.
+When the error carries ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date), the
+wait is that long plus a little jitter (capped by ``max_wait``); otherwise it is exponential
+backoff with full jitter (backoff's ``expo`` and ``full_jitter``). A 429 that means the quota
+or spend limit is exhausted is never retried: waiting cannot help. Nor is llmguard's own
+``RateLimitExceeded``: ``@rate_limited`` queues a call itself, so its refusal is not provider
+trouble, and the time a call queued there does not count against ``max_time``. SDK
+exception types are recognised by name, so no SDK is imported.
 """
 
 from __future__ import annotations
@@ -84,12 +86,12 @@ def classify(
 ) -> str | None:
     """Why ``exc`` is worth retrying (``rate_limit``, ``overloaded``, ``server_error``,
     ``timeout``, ``connection``, ``retry_on``), or None if it is not."""
-    if isinstance(exc, RequestTooLarge):
+    if isinstance(exc, RequestTooLarge):  # can never pass
         return None
-    if isinstance(exc, RateLimitExceeded):
-        return "rate_limit"
     if retry_on and isinstance(exc, retry_on):
         return "retry_on"
+    if isinstance(exc, RateLimitExceeded):  # @rate_limited's own refusal, not the provider's
+        return None
     names = _names(exc)
     status = status_of(exc)
     if status == 429 or "RateLimitError" in names:
@@ -186,6 +188,7 @@ class _RetryLayer:
         delays = backoff.expo(factor=self.initial_wait, max_value=self.max_wait)
         next(delays)  # backoff's generators start with a bare yield
         started = self.clock()
+        queued_before = float(call.fields.get("rate_wait_s", 0.0))
         waited = 0.0
         attempt = 0
         try:
@@ -198,7 +201,9 @@ class _RetryLayer:
                     if reason is None or attempt >= self.max_tries:
                         raise
                     wait = self._wait(exc, next(delays))
-                    elapsed = self.clock() - started
+                    # time spent queueing in @rate_limited below is not retrying
+                    queued = float(call.fields.get("rate_wait_s", 0.0)) - queued_before
+                    elapsed = self.clock() - started - queued
                     if self.max_time is not None and elapsed + wait > self.max_time:
                         raise
                     emit(
@@ -265,15 +270,18 @@ def retry_on_rate_limit(
     """Retry the call when the provider says "too many requests", as it asks.
 
     Retried: ``openai.RateLimitError``, ``anthropic.RateLimitError``, Anthropic's 529
-    overloaded, any exception with a 429 status (httpx ``HTTPStatusError`` included) and
-    llmguard's ``RateLimitExceeded``; with ``server_errors`` (default) also 500/502/503/504,
-    timeouts and connection errors; and any type in ``retry_on``. Never retried: quota or
-    spend-limit errors (OpenAI ``insufficient_quota``, Anthropic spend limits) and
-    ``RequestTooLarge``. Gives up after ``max_tries`` attempts or ``max_time`` seconds,
-    re-raising the last exception unchanged. Each retry logs an ``llm_retry`` event; the
-    call's ``llm_call`` event gets ``attempts`` and ``retry_wait_s``. Turn the SDK's own
-    retries off (``max_retries=0``) so the two do not multiply. ``jitter=None``, ``clock``,
-    ``sleep`` and ``async_sleep`` make waits exact and instant in tests.
+    overloaded, any exception with a 429 status (httpx ``HTTPStatusError`` included); with
+    ``server_errors`` (default) also 500/502/503/504, timeouts and connection errors; and any
+    type in ``retry_on``. Never retried: quota or spend-limit errors (OpenAI
+    ``insufficient_quota``, Anthropic spend limits), ``RequestTooLarge``, and llmguard's own
+    ``RateLimitExceeded`` unless named in ``retry_on`` (``@rate_limited`` waits for its
+    window itself; its refusal is a local decision, not provider trouble). Gives up after
+    ``max_tries`` attempts or ``max_time`` seconds of trying (time queued in
+    ``@rate_limited`` not counted), re-raising the last exception unchanged. Each retry
+    logs an ``llm_retry`` event; the call's ``llm_call`` event gets ``attempts`` and
+    ``retry_wait_s``. Turn the SDK's own retries off (``max_retries=0``) so the two do not
+    multiply. ``jitter=None``, ``clock``, ``sleep`` and ``async_sleep`` make waits exact and
+    instant in tests.
     """
     import backoff
 

@@ -9,7 +9,8 @@ talks to a :class:`Storage`, never to diskcache or Redis directly, so a backend 
 a plain path                            mode 0700): shared by every process on the machine
 ``memory://`` / ``memory://name``       a dict in this process (tests, single workers)
 ``redis://``, ``rediss://``,            Redis (extra ``llmguard[redis]``): shared by
-``unix://``                             every process on every machine
+``unix://``                             every process on every machine; ``?prefix=app1:``
+                                        puts every key llmguard writes under that prefix
 =====================================  ===============================================
 
 Values are bytes (or ints for counters). The local backend never unpickles: a value that
@@ -25,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ._config import cache_dir, cache_size_limit, ensure_private_dir, storage_uri
 from ._errors import ConfigurationError, StorageError, require
@@ -412,17 +413,41 @@ return value
 """
 
 
+def split_redis_prefix(uri: str) -> tuple[str, str]:
+    """(the URI without its ``prefix`` query parameter, the prefix or "")."""
+    parts = urlsplit(uri)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefixes = [value for name, value in query if name == "prefix"]
+    if not prefixes:
+        return uri, ""
+    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefixes[-1]
+
+
 class RedisStorage(Storage):
-    """Redis: shared by every process on every machine that uses the same URI."""
+    """Redis: shared by every process on every machine that uses the same URI.
+
+    ``?prefix=app1:`` in the URI puts every key llmguard writes (cache entries, locks,
+    ledgers, rate-limit windows) under that prefix, and makes ``clear``, ``count`` and
+    ``keys`` see only those: several applications (or test runs) can share one database.
+    Keys passed to and returned by the methods are without the prefix.
+    """
 
     def __init__(self, uri: str) -> None:
         redis = require("redis", extra="redis", what=f"storage {uri!r}")
         self.uri = uri
-        self.client = redis.Redis.from_url(uri, socket_timeout=5, socket_connect_timeout=5)
+        self.connection_uri, self.prefix = split_redis_prefix(uri)
+        self.client = redis.Redis.from_url(
+            self.connection_uri, socket_timeout=5, socket_connect_timeout=5
+        )
         self._incr = self.client.register_script(_INCR_WITH_TTL)
         self._release = self.client.register_script(_RELEASE)
 
     remote = True
+
+    def key(self, key: str) -> str:
+        """The Redis key that holds llmguard's ``key`` (with the URI's prefix)."""
+        return self.prefix + key
 
     @staticmethod
     def _ms(ttl: float | None) -> int | None:
@@ -430,31 +455,32 @@ class RedisStorage(Storage):
 
     def get(self, key: str) -> bytes | None:
         with _wrapped(self.uri, "get"):
-            value: Any = self.client.get(key)
+            value: Any = self.client.get(self.prefix + key)
         return None if value is None else bytes(value)
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         with _wrapped(self.uri, "set"):
-            self.client.set(key, value, px=self._ms(ttl))
+            self.client.set(self.prefix + key, value, px=self._ms(ttl))
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         with _wrapped(self.uri, "add"):
-            return bool(self.client.set(key, value, px=self._ms(ttl), nx=True))
+            return bool(self.client.set(self.prefix + key, value, px=self._ms(ttl), nx=True))
 
     def delete(self, key: str) -> bool:
         with _wrapped(self.uri, "delete"):
-            return bool(self.client.delete(key))
+            return bool(self.client.delete(self.prefix + key))
 
     def incr(self, key: str, delta: int = 1, ttl: float | None = None) -> int:
         with _wrapped(self.uri, "incr"):
             ms = self._ms(ttl)
-            return int(self._incr(keys=[key], args=[delta, "" if ms is None else ms]))
+            return int(self._incr(keys=[self.prefix + key], args=[delta, "" if ms is None else ms]))
 
     def clear(self, prefix: str = "") -> int:
         with _wrapped(self.uri, "clear"):
             removed = 0
             batch: list[Any] = []
-            for key in self.client.scan_iter(match=_redis_glob_escape(prefix) + "*", count=500):
+            match = _redis_glob_escape(self.prefix + prefix) + "*"
+            for key in self.client.scan_iter(match=match, count=500):
                 batch.append(key)
                 if len(batch) == 500:
                     removed += int(self.client.delete(*batch))
@@ -465,18 +491,18 @@ class RedisStorage(Storage):
 
     def count(self, prefix: str = "") -> int:
         with _wrapped(self.uri, "count"):
-            return sum(
-                1 for _ in self.client.scan_iter(match=_redis_glob_escape(prefix) + "*", count=500)
-            )
+            match = _redis_glob_escape(self.prefix + prefix) + "*"
+            return sum(1 for _ in self.client.scan_iter(match=match, count=500))
 
     def keys(self, prefix: str = "", *, entries: bool = False) -> list[str]:
         with _wrapped(self.uri, "keys"):
-            match = _redis_glob_escape(prefix) + "*"
-            return sorted(k.decode() for k in self.client.scan_iter(match=match, count=500))
+            match = _redis_glob_escape(self.prefix + prefix) + "*"
+            skip = len(self.prefix)
+            return sorted(k.decode()[skip:] for k in self.client.scan_iter(match=match, count=500))
 
     def release(self, key: str, token: bytes) -> bool:
         with _wrapped(self.uri, "release"):
-            return bool(self._release(keys=[key], args=[token]))
+            return bool(self._release(keys=[self.prefix + key], args=[token]))
 
     def close(self) -> None:
         self.client.close()

@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import structlog
@@ -18,7 +21,12 @@ import llmguard  # noqa: E402
 from llmguard import _budget, _config, _events, _prices, _storage  # noqa: E402
 from llmguard.testing import CapturedEvents, capture_calls  # noqa: E402
 
+# The Redis the Redis tests use. They write only under a key prefix unique to the test run
+# (``?prefix=llmguard-test:<run>:<n>:``) and delete only those keys: nothing else in the
+# database is read or removed.
 REDIS_URI = os.environ.get("LLMGUARD_TEST_REDIS", "redis://127.0.0.1:6379/15")
+RUN_PREFIX = f"llmguard-test:{os.getpid()}-{secrets.token_hex(4)}:"
+_redis_tests = itertools.count()
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +57,8 @@ def redis_available() -> bool:
     try:
         import redis
 
-        redis.Redis.from_url(REDIS_URI, socket_connect_timeout=1).ping()
+        uri, _ = _storage.split_redis_prefix(REDIS_URI)
+        redis.Redis.from_url(uri, socket_connect_timeout=1).ping()
         return True
     except Exception:
         return False
@@ -57,18 +66,40 @@ def redis_available() -> bool:
 
 @pytest.fixture
 def redis_uri() -> Iterator[str]:
-    """The test Redis (database 15), emptied before and after; in CI a missing Redis fails."""
+    """The test Redis (``LLMGUARD_TEST_REDIS``, default database 15) with a key prefix of
+    this test's own: the URI carries ``?prefix=``, so llmguard writes only under it, and
+    only those keys are deleted afterwards. In CI a missing Redis fails."""
     if not redis_available():
         if os.environ.get("CI"):
             pytest.fail(f"Redis is not answering at {REDIS_URI} (CI must start one)")
         pytest.skip(f"no Redis at {REDIS_URI}")
     import redis
 
-    client = redis.Redis.from_url(REDIS_URI)
-    client.flushdb()
-    yield REDIS_URI
-    client.flushdb()
-    client.close()
+    connection_uri, outer = _storage.split_redis_prefix(REDIS_URI)
+    prefix = f"{outer}{RUN_PREFIX}{next(_redis_tests)}:"
+    separator = "&" if "?" in connection_uri else "?"
+    yield f"{connection_uri}{separator}{urlencode({'prefix': prefix})}"
+    _storage.close_storages()
+    client = redis.Redis.from_url(connection_uri)
+    try:
+        mine = list(client.scan_iter(match=prefix + "*", count=500))  # no glob characters
+        if mine:
+            client.delete(*mine)
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["local", "memory", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """One test body, every storage backend: yields its URI (a folder of this test's, a
+    memory store of its own, or the test Redis under this test's prefix). Tests that need
+    fewer backends parametrize it: ``@pytest.mark.parametrize("backend", [...],
+    indirect=True)``."""
+    if request.param == "local":
+        return f"file://{tmp_path}/store"
+    if request.param == "memory":
+        return f"memory://{tmp_path.name}"
+    return str(request.getfixturevalue("redis_uri"))
 
 
 @pytest.fixture(params=["sync", "async"])

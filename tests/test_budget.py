@@ -7,10 +7,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -20,16 +18,8 @@ import llmguard
 from llmguard._budget import window_of
 from llmguard.testing import CapturedEvents
 
+from ._helpers import in_processes
 from .conftest import call
-
-
-@pytest.fixture(params=["local", "redis"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """One test body, both ledgers."""
-    if request.param == "local":
-        yield f"file://{tmp_path}/ledger"
-    else:
-        yield request.getfixturevalue("redis_uri")
 
 
 def spender(flavour: str, usage: tuple[int, int] = (1000, 100), **options: Any) -> Any:
@@ -265,7 +255,7 @@ def test_bad_configuration() -> None:
         llmguard.budget_status("never-declared")
 
 
-def _spend(storage: str, reply_words: int, out: Any, ready: Any) -> None:
+def _spend(ready: Any, storage: str, reply_words: int) -> tuple[list[float], int]:
     import threading
 
     import llmguard as lg
@@ -304,9 +294,11 @@ def _spend(storage: str, reply_words: int, out: Any, ready: Any) -> None:
         for thread in threads:
             thread.join()
     costs = [e["cost_usd"] for e in events.calls if e["outcome"] == "ok"]
-    out.put((costs, refused))
+    return costs, refused
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "redis"], indirect=True)
 def test_proof_4_processes_x_8_threads_never_pass_the_cap(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -315,17 +307,7 @@ def test_proof_4_processes_x_8_threads_never_pass_the_cap(
     reply = " ".join(["word"] * 250)  # 250 output tokens on gpt-4o: $0.0025 a call
     with FakeLLMServer(reply=lambda request: reply) as fake:
         monkeypatch.setenv("FAKE_LLM_URL", fake.openai_base_url)
-        context = multiprocessing.get_context("spawn")
-        out, ready = context.Queue(), context.Barrier(4)
-        workers = [
-            context.Process(target=_spend, args=(backend, 250, out, ready)) for _ in range(4)
-        ]
-        for worker in workers:
-            worker.start()
-        results = [out.get(timeout=120) for _ in workers]
-        for worker in workers:
-            worker.join(30)
-            assert worker.exitcode == 0
+        results = in_processes(_spend, backend, 250)
     costs = [c for r in results for c in r[0]]
     refused = sum(r[1] for r in results)
     total = sum(Decimal(str(c)) for c in costs)
@@ -338,7 +320,7 @@ def test_proof_4_processes_x_8_threads_never_pass_the_cap(
     assert status.reserved_usd == 0
 
 
-def _killed_mid_call(storage: str) -> None:
+def _killed_mid_call(ready: Any, storage: str) -> None:
     import llmguard as lg
 
     @lg.budget(usd="1", per="total", name="killed", storage=storage, reservation_ttl=1)
@@ -348,12 +330,10 @@ def _killed_mid_call(storage: str) -> None:
     hang("x")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "redis"], indirect=True)
 def test_a_killed_process_releases_its_reservation_after_expiry(backend: str) -> None:
-    context = multiprocessing.get_context("spawn")
-    process = context.Process(target=_killed_mid_call, args=(backend,))
-    process.start()
-    process.join(60)
-    assert process.exitcode == -signal.SIGKILL
+    in_processes(_killed_mid_call, backend, processes=1, killed_by=signal.SIGKILL)
     probe = llmguard.budget(
         usd="1", per="total", name="killed", storage=backend, reservation_ttl=1
     )(lambda: None)

@@ -6,7 +6,6 @@ import datetime
 import enum
 import threading
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,18 +16,11 @@ from hypothesis import strategies as st
 
 import llmguard
 from llmguard._cache import parse_duration
+from llmguard._storage import RedisStorage
 from llmguard.testing import CapturedEvents, FakeLLMServer
 
+from ._helpers import in_processes
 from .conftest import call
-
-
-@pytest.fixture(params=["local", "redis"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """One test body, both cache backends: yields the storage URI."""
-    if request.param == "local":
-        yield f"file://{tmp_path}/cache"
-    else:
-        yield request.getfixturevalue("redis_uri")
 
 
 class Clock:
@@ -636,7 +628,7 @@ def test_64_tasks_one_upstream_call(backend: str) -> None:
     assert runs == [1]
 
 
-def _process_worker(storage: str, counter: str, results: Any) -> None:
+def _process_worker(ready: Any, storage: str, counter: str) -> list[str]:
     import threading as th
 
     import llmguard as lg
@@ -660,24 +652,14 @@ def _process_worker(storage: str, counter: str, results: Any) -> None:
         t.start()
     for t in threads:
         t.join()
-    results.put(out)
+    return out
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "redis"], indirect=True)
 def test_4_processes_x_16_threads_one_upstream_call(backend: str, tmp_path: Path) -> None:
-    import multiprocessing
-
     counter = f"file://{tmp_path}/counter"
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    processes = [
-        context.Process(target=_process_worker, args=(backend, counter, results)) for _ in range(4)
-    ]
-    for p in processes:
-        p.start()
-    outputs = [results.get(timeout=60) for _ in processes]
-    for p in processes:
-        p.join(30)
-        assert p.exitcode == 0
+    outputs = in_processes(_process_worker, backend, counter)
     assert sum(len(out) for out in outputs) == 64
     assert all(value == "SAME" for out in outputs for value in out)
     assert llmguard.open_storage(counter).get("runs") == b"1"
@@ -846,10 +828,15 @@ def test_redis_expires_entries_by_its_own_ttl(redis_uri: str) -> None:
     f("x")
     g("x")
     forever("x")
-    client = redis.Redis.from_url(redis_uri)
-    assert 85_000 < client.pttl(f.cache_key("x")) <= 90_000
-    assert 3_680_000 < client.pttl(g.cache_key("x")) <= 3_690_000  # ttl + stale_ttl
-    assert client.pttl(forever.cache_key("x")) == -1
+    storage = llmguard.open_storage(redis_uri)
+    assert isinstance(storage, RedisStorage)
+    client = redis.Redis.from_url(storage.connection_uri)
+    prefix = storage.prefix  # this test's own: the URI's ?prefix=
+    assert prefix
+    assert 85_000 < client.pttl(prefix + f.cache_key("x")) <= 90_000
+    assert 3_680_000 < client.pttl(prefix + g.cache_key("x")) <= 3_690_000  # ttl + stale_ttl
+    assert client.pttl(prefix + forever.cache_key("x")) == -1
+    client.close()
 
 
 def test_async_methods(backend: str) -> None:

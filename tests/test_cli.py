@@ -10,6 +10,8 @@ import pytest
 
 from llmguard._cli import main
 
+from ._helpers import run_python
+
 
 def test_prices_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prices", "gpt-4o", "claude-3-5-haiku-latest"]) == 0
@@ -68,25 +70,12 @@ def test_estimate_cheapest_first(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_console_script_help_and_no_command() -> None:
-    result = subprocess.run([sys.executable, "-m", "llmguard._cli"], capture_output=True, text=True)
+    result = run_python("-m", "llmguard._cli", check=False)
     assert result.returncode == 2
     assert "prices" in result.stdout
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llmguard._cli",
-            "estimate",
-            "-",
-            "--model",
-            "gpt-4o",
-            "--format",
-            "json",
-        ],
+    result = run_python(
+        *("-m", "llmguard._cli", "estimate", "-", "--model", "gpt-4o", "--format", "json"),
         input="hello world",
-        capture_output=True,
-        text=True,
-        check=True,
     )
     assert json.loads(result.stdout)[0]["input_tokens"] == 2
 

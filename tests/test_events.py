@@ -14,6 +14,8 @@ import llmguard
 from llmguard import _events
 from llmguard.testing import capture_calls
 
+from ._helpers import run_python
+
 
 @pytest.fixture
 def restore_structlog() -> Iterator[None]:
@@ -30,7 +32,7 @@ def test_library_never_configures_structlog() -> None:
         "f('hello')\n"
         "assert not structlog.is_configured()\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    run_python("-c", code)
 
 
 def test_configure_logging_json_to_stream(restore_structlog: None) -> None:

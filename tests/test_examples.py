@@ -1,24 +1,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+import pytest
+
+from ._helpers import run_python
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
+pytestmark = pytest.mark.slow  # each runs an example program end to end
+
 
 def test_quickstart_runs_offline_and_prints_cost_events() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "quickstart.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=True,
-    )
+    result = run_python(str(EXAMPLES / "quickstart.py"), timeout=120)
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["event"] for e in events] == ["llm_call"] * 4
     assert [e["model"] for e in events] == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o", "gpt-4o-mini"]
@@ -30,17 +25,7 @@ def test_quickstart_runs_offline_and_prints_cost_events() -> None:
 
 
 def _run(name: str, **env: str) -> str:
-    clean = {
-        k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
-    }
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**clean, **env},
-        check=True,
-    )
+    result = run_python(str(EXAMPLES / name), env=env)
     return result.stdout + result.stderr
 
 

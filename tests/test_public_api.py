@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import llmguard
 import llmguard.testing
+
+from ._helpers import run_python
 
 
 def test_all_is_exactly_the_public_surface() -> None:
@@ -31,9 +30,7 @@ def test_import_loads_nothing_heavy() -> None:
         " 'anthropic', 'structlog'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
+    out = run_python("-c", code).stdout
     assert out.strip() == "[]"
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
-import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,8 @@ import pytest
 import llmguard
 from llmguard._cli import main
 from llmguard.testing import FakeLLMServer
+
+from ._helpers import run_python
 
 
 @pytest.fixture
@@ -121,7 +122,10 @@ def test_table_and_html(log: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "saved by cache" in out
     assert "skipped lines    2" in out
+    assert "rate-limit queue" in out  # what it sums is said: not wall time
+    assert "summed over calls" in out
     page = html_path.read_text()
+    assert "Rate-limit queueing, summed over calls" in page
     assert page.startswith("<!doctype html>")
     assert 'id="cost-chart"' in page
     assert 'id="savings-chart"' in page
@@ -179,14 +183,13 @@ def test_commands_honour_llmguard_storage(
     assert json.loads(capsys.readouterr().out)[0]["entries"] == 1
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_and_writes_its_reports(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "llmguard._cli", "demo", "--fast", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
+    result = run_python(
+        *("-m", "llmguard._cli", "demo", "--fast", "--out", str(tmp_path)),
+        env={"LLMGUARD_CACHE_DIR": str(tmp_path / "state")},
+        without=(),
         timeout=120,
-        env={**__import__("os").environ, "LLMGUARD_CACHE_DIR": str(tmp_path / "state")},
-        check=True,
     )
     out = result.stdout
     for step in ("1. Caching", "2. Routing", "3. A burst", "4. A runaway loop", "stopped after"):
@@ -207,6 +210,7 @@ def test_demo_runs_offline_and_writes_its_reports(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_the_html_report_renders_its_charts_in_a_real_browser(log: Path, tmp_path: Path) -> None:
     import os
     import shutil

@@ -180,27 +180,34 @@ def test_anthropic_overloaded_and_rate_limited(flavour: str, fake_llm: FakeLLMSe
     assert naps.waits == [1, 2]
 
 
-def test_rate_limit_exceeded_is_retried_after_its_retry_after() -> None:
+def test_local_rate_limit_refusals_are_retried_only_when_asked() -> None:
     naps = Naps()
     attempts: list[int] = []
 
-    @llmguard.retry_on_rate_limit(jitter=None, sleep=naps)
     def limited() -> str:
         attempts.append(1)
         if len(attempts) < 3:
             raise llmguard.RateLimitExceeded("busy", retry_after=0.25, limit="1 per 1 second")
         return "ok"
 
-    assert limited() == "ok"
-    assert naps.waits == [0.25, 0.25]
+    # @rate_limited's own refusal is not provider trouble: not retried by default...
+    with pytest.raises(llmguard.RateLimitExceeded):
+        llmguard.retry_on_rate_limit(jitter=None, sleep=naps)(limited)()
+    assert (len(attempts), naps.waits) == (1, [])
+    # ...but retry_on names it: then it waits its retry_after
+    retried = llmguard.retry_on_rate_limit(
+        jitter=None, sleep=naps, retry_on=(llmguard.RateLimitExceeded,)
+    )(limited)
+    assert retried() == "ok"
+    assert naps.waits == [0.25]
 
-    @llmguard.retry_on_rate_limit(jitter=None, sleep=naps)
+    @llmguard.retry_on_rate_limit(jitter=None, sleep=naps, retry_on=(llmguard.RateLimitExceeded,))
     def too_large() -> str:
         raise llmguard.RequestTooLarge("never fits", retry_after=None, limit="10 per 1 minute")
 
     with pytest.raises(llmguard.RequestTooLarge):
-        too_large()
-    assert len(naps.waits) == 2
+        too_large()  # can never pass: not even retry_on retries it
+    assert len(naps.waits) == 1
 
 
 def test_retry_on_adds_types_and_others_pass_through() -> None:

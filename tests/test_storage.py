@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import multiprocessing
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ import llmguard
 from llmguard import _storage
 from llmguard._storage import LocalStorage, MemoryStorage, RedisStorage
 
-from .conftest import REDIS_URI
+from ._helpers import in_processes
 
 
 class Clock:
@@ -24,18 +22,10 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["local", "memory", "redis"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[llmguard.Storage]:
-    """One test body, every backend."""
-    if request.param == "local":
-        backend: llmguard.Storage = LocalStorage(tmp_path / "store")
-    elif request.param == "memory":
-        backend = MemoryStorage()
-    else:
-        request.getfixturevalue("redis_uri")
-        backend = RedisStorage(REDIS_URI)
-    yield backend
-    backend.close()
+@pytest.fixture
+def storage(backend: str) -> llmguard.Storage:
+    """One test body, every backend (closed after the test by conftest)."""
+    return llmguard.open_storage(backend)
 
 
 def test_get_set_delete(storage: llmguard.Storage) -> None:
@@ -95,25 +85,20 @@ def test_memory_ttl_with_injected_clock() -> None:
     assert memory.get("k") is None
 
 
-def _hammer(uri: str, n: int) -> None:
+def _hammer(ready: Any, uri: str, n: int) -> None:
     storage = LocalStorage(uri) if not uri.startswith("redis") else RedisStorage(uri)
     for _ in range(n):
         storage.incr("shared")
         storage.add(f"once:{os.getpid()}", b"1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "redis"])
 def test_incr_is_atomic_across_processes(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     uri = str(tmp_path / "shared") if backend == "local" else request.getfixturevalue("redis_uri")
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_hammer, args=(uri, 200)) for _ in range(4)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
-        assert worker.exitcode == 0
+    in_processes(_hammer, uri, 200)
     storage = LocalStorage(uri) if backend == "local" else RedisStorage(uri)
     assert storage.incr("shared", 0) == 800
 
@@ -176,6 +161,46 @@ def test_redis_uri_opens_redis(redis_uri: str) -> None:
     assert isinstance(storage, RedisStorage)
     storage.set("k", b"v")
     assert storage.get("k") == b"v"
+
+
+def test_redis_prefix_keeps_every_key_under_it(redis_uri: str) -> None:
+    import secrets
+
+    import redis
+
+    mine = llmguard.open_storage(redis_uri)
+    assert isinstance(mine, RedisStorage)
+    assert mine.prefix.startswith("llmguard-test:")  # the fixture's, from the URI
+    neighbour = RedisStorage(f"{mine.connection_uri}?prefix={mine.prefix[:-1]}-neighbour:")
+    try:
+        for storage in (mine, neighbour):
+            storage.set("k", storage.prefix.encode())
+            storage.incr("n")
+        assert mine.get("k") == mine.prefix.encode()
+        assert mine.keys() == ["k", "n"]  # without the prefix, and not the neighbour's
+        assert mine.count() == 2
+    finally:
+        assert neighbour.clear() == 2
+        neighbour.close()
+    assert mine.get("k") == mine.prefix.encode()  # clearing one prefix spares the other
+
+    # Every policy writes under the prefix: cache entries and locks, budget ledgers, rate
+    # limit windows.
+    probe = f"probe-{secrets.token_hex(4)}"
+
+    @llmguard.cached(storage=redis_uri, namespace=probe)
+    @llmguard.budget(usd=1, per="total", name=probe, storage=redis_uri)
+    @llmguard.rate_limited("5/minute", tokens="9000/minute", name=probe, storage=redis_uri)
+    def ask(text: str, max_tokens: int = 10, model: str = "gpt-4o") -> str:
+        return text
+
+    assert ask("hi") == "hi"
+    assert ask.budget_status().spent_usd > 0  # type: ignore[attr-defined]
+    client = redis.Redis.from_url(mine.connection_uri)
+    written = [key.decode() for key in client.scan_iter(match=f"*{probe}*")]
+    client.close()
+    assert len(written) >= 4  # cache entry, ledger, request window, token window
+    assert all(key.startswith(mine.prefix) for key in written), written
 
 
 def test_unknown_scheme_fails_at_configuration() -> None:
