@@ -364,13 +364,17 @@ class RedisLedger:
     def floor(self, name: str, field: str) -> int | None:
         """The largest cost seen of calls ``field`` (function and model) of budget ``name``."""
         with _wrapped(self.storage.uri, "floor"):
-            value = self.storage.client.hget(FLOOR_PREFIX + encode_part(name), field)
+            value = self.storage.client.hget(
+                self.storage.key(FLOOR_PREFIX + encode_part(name)), field
+            )
         return int(value) if value is not None and value.isdigit() else None
 
     def raise_floor(self, name: str, field: str, cost: int) -> int:
         """Make that floor at least ``cost``; returns it."""
         with _wrapped(self.storage.uri, "floor"):
-            value = self._raise_floor(keys=[FLOOR_PREFIX + encode_part(name)], args=[field, cost])
+            value = self._raise_floor(
+                keys=[self.storage.key(FLOOR_PREFIX + encode_part(name))], args=[field, cost]
+            )
         return int(value)
 
 
