@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ._redact import redact_uri
 from ._storage import LocalStorage, MemoryStorage, RedisStorage, Storage, _wrapped
 
 PICO = 10**12  # pico-dollars per dollar
@@ -198,4 +199,6 @@ def ledger_for(storage: Storage) -> Ledger:
         return RedisLedger(storage)
     if isinstance(storage, (LocalStorage, MemoryStorage)):
         return DocLedger(storage)
-    raise TypeError(f"budgets need local, memory:// or redis:// storage, not {storage.uri!r}")
+    raise TypeError(
+        f"budgets need local, memory:// or redis:// storage, not {redact_uri(storage.uri)!r}"
+    )

@@ -21,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 from ._config import UNSET, _Unset, storage_uri
 from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge
 from ._pipeline import PROCEED, Blocking, CallRecord, PromptFn, Sleep, check_options, guard
+from ._redact import redact_uri
 from ._storage import _scheme, open_storage, validate_uri
 
 P = ParamSpec("P")
@@ -56,7 +57,8 @@ def limits_storage(uri: str | None) -> tuple[Any, bool]:
                 found = (RedisMovingWindowStorage(chosen), True)
             else:
                 raise ConfigurationError(
-                    f"rate limits need local, memory:// or redis:// storage, not {chosen!r}"
+                    "rate limits need local, memory:// or redis:// storage, "
+                    f"not {redact_uri(chosen)!r}"
                 )
             _limits_storages[chosen] = found
     return found
