@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ._errors import ConfigurationError, LLMGuardError, StorageError
 from ._prices import PerMTok, Tiered, get_price
@@ -368,7 +368,7 @@ class _Stderr:
 class _Parser(argparse.ArgumentParser):
     """Bad usage is one line on stderr and exit status 2 (``--help`` shows the rest)."""
 
-    def error(self, message: str) -> Any:
+    def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 

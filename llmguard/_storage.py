@@ -414,7 +414,8 @@ class LocalStorage(Storage):
             for checked in {self.directory, folder}:
                 self._check_private(checked)
             database = folder / "cache.db"  # created 0600 before SQLite creates it 0644
-            os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            os.close(os.open(database, flags, 0o600))
             cache = diskcache.Cache(str(folder), disk=_safe_disk(), timeout=60, **settings)
             cache.disk.on_refused = self._refused
             return cache
