@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from ._errors import MissingExtra
+from ._errors import ConfigurationError, LLMGuardError, StorageError
 from ._money import decimal_text, format_usd
 from ._prices import PerMTok, Tiered, get_price
+from ._redact import redact_uri, scrub
 from ._report import DIMENSIONS
 from ._storage import open_storage
 from ._tokens import count_tokens
@@ -107,17 +108,21 @@ DEFAULT_ESTIMATE_MODELS = (
 
 
 def _read_text(path: str) -> str | None:
-    if path == "-":
-        return sys.stdin.read()
     try:
+        if path == "-":
+            return sys.stdin.read()
         with open(path, encoding="utf-8") as fh:
             return fh.read()
     except OSError as exc:
         print(f"llmguard: cannot read {path}: {exc.strerror}", file=sys.stderr)
-        return None
+    except UnicodeDecodeError:
+        print(f"llmguard: cannot read {path}: it is not UTF-8 text", file=sys.stderr)
+    return None
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
+    if args.output_tokens < 0:
+        raise ConfigurationError(f"--output-tokens must be 0 or more, got {args.output_tokens}")
     text = _read_text(args.file)
     if text is None:
         return EXIT_NOT_FOUND
@@ -177,20 +182,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if missing:
         print(f"llmguard: no such file: {', '.join(missing)}", file=sys.stderr)
         return EXIT_NOT_FOUND
+    folders = [p for p in args.files if p != "-" and os.path.isdir(p)]
+    if folders:
+        print(f"llmguard: a folder, not a log file: {', '.join(folders)}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     since = None
     if args.since:
+        seconds = parse_duration(args.since, "--since")  # ConfigurationError: exit 2
         try:
-            seconds = parse_duration(args.since, "--since")
-        except Exception as exc:
-            print(f"llmguard: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        since = None if seconds is None else timedelta(seconds=seconds)
+            since = None if seconds is None else timedelta(seconds=seconds)
+        except OverflowError:
+            raise ConfigurationError(f"--since {args.since!r} reaches too far back") from None
     counter = [0]
     progress = _progress if sys.stderr.isatty() else None
-    report = build(read_events(args.files, counter, progress=progress), by=args.by, since=since)
-    report.skipped_lines = counter[0]
+    stopped: list[str] = []
+    report = build(
+        read_events(args.files, counter, progress=progress, stopped=stopped),
+        by=args.by,
+        since=since,
+    )
+    report.skipped_lines += counter[0]
+    report.stopped = stopped
     if progress is not None:
         print(file=sys.stderr)
+    for note in stopped:
+        print(f"llmguard: incomplete: {note}", file=sys.stderr)
     if args.format == "json":
         json.dump(report.as_dict(), sys.stdout, indent=2)
         print()
@@ -305,7 +321,7 @@ def _cmd_budget_status(args: argparse.Namespace) -> int:
         print(
             "no spend in the current window"
             + (f" of {args.name!r}" if args.name else " of any budget")
-            + f" in {storage.uri}"
+            + f" in {redact_uri(storage.uri)}"
         )
     return EXIT_OK
 
@@ -327,7 +343,9 @@ def _cmd_cache_stats(args: argparse.Namespace) -> int:
     storage = open_storage(args.storage)
     counts: dict[tuple[str, str], int] = {}
     for key in storage.keys("llmguard:cache:", entries=True):
-        namespace, rest = key[len("llmguard:cache:") :].split(":", 1)
+        namespace, colon, rest = key[len("llmguard:cache:") :].partition(":")
+        if not colon or ":" not in rest:  # not an entry's key: not llmguard's
+            continue
         function = rest.rsplit(":", 1)[0]
         counts[(namespace, function)] = counts.get((namespace, function), 0) + 1
     rows = [
@@ -342,7 +360,7 @@ def _cmd_cache_stats(args: argparse.Namespace) -> int:
             + [(str(r["function"]), str(r["namespace"]), str(r["entries"])) for r in rows]
         )
     else:
-        print(f"no cache entries in {storage.uri}")
+        print(f"no cache entries in {redact_uri(storage.uri)}")
     return EXIT_OK
 
 
@@ -352,7 +370,7 @@ def _cmd_cache_clear(args: argparse.Namespace) -> int:
     if args.function is None and args.namespace == "default":
         prefix = "llmguard:cache:"
     removed = storage.clear_entries(prefix)
-    print(f"removed {removed} cache entries from {storage.uri}")
+    print(f"removed {removed} cache entries from {redact_uri(storage.uri)}")
     return EXIT_OK
 
 
@@ -366,11 +384,20 @@ class _Stderr:
         sys.stderr.flush()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line on stderr and exit status 2 (``--help`` shows the rest)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llmguard",
         description="Keep LLM API bills and rate-limit errors under control. "
-        "Exit codes: 0 success, 1 something asked for was not found, 2 bad usage.",
+        "Exit codes: 0 success, 1 something asked for was not found or could not be read "
+        "or reached, 2 bad usage.",
     )
     parser.add_argument("--version", action="version", version=f"llmguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -468,11 +495,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return EXIT_USAGE
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Every command's one error boundary: a line on stderr, never a traceback.
+
+    LLMGuardError (bad settings, a bad argument): exit 2; a storage that cannot be reached or
+    used, or a file that cannot be read or written: exit 1, saying which (without passwords);
+    output cut short by the reader (``| head``): quiet exit 0. Anything else is a bug: one
+    line too, and ``LLMGUARD_DEBUG=1`` shows its traceback.
+    """
+    uri = getattr(args, "storage", None) or os.environ.get("LLMGUARD_STORAGE")
+
+    def fail(message: str, code: int) -> int:
+        print(f"llmguard: {scrub(message, uri)}", file=sys.stderr)
+        return code
+
     try:
-        return int(args.run(args))
-    except MissingExtra as exc:  # an optional dependency: one line saying what to install
-        print(f"llmguard: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        code = int(args.run(args))
+        sys.stdout.flush()  # a closed pipe shows here, inside the boundary
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except StorageError as exc:
+        return fail(f"storage unavailable: {exc}", EXIT_NOT_FOUND)
+    except LLMGuardError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return fail(f"{where}{exc.strerror or exc}", EXIT_NOT_FOUND)
+    except Exception as exc:
+        if os.environ.get("LLMGUARD_DEBUG"):
+            raise
+        return fail(
+            f"unexpected error: {type(exc).__name__}: {exc} (a bug: please report it; "
+            "LLMGUARD_DEBUG=1 shows the traceback)",
+            EXIT_NOT_FOUND,
+        )
+
+
+def _discard_stdout() -> None:
+    """The reader is gone: send what is still buffered nowhere, so exiting stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # not a real file (e.g. captured by a test)
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

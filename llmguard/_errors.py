@@ -28,6 +28,8 @@ from datetime import datetime
 from decimal import Decimal
 from types import ModuleType
 
+from ._redact import redact_uri, scrub
+
 
 class LLMGuardError(Exception):
     """Base class of every llmguard exception."""
@@ -64,11 +66,15 @@ def require(module: str, *, extra: str, what: str) -> ModuleType:
 
 
 class StorageError(LLMGuardError):
-    """A storage backend failed; ``__cause__`` holds the backend's own exception."""
+    """A storage backend failed; ``__cause__`` holds the backend's own exception.
+
+    ``uri`` is the storage's URI with any password masked (``redis://:***@host``), and the
+    message never contains the password either."""
 
     def __init__(self, message: str, *, uri: str) -> None:
-        super().__init__(f"{message} (storage {uri!r})")
-        self.uri = uri
+        shown = redact_uri(uri)
+        super().__init__(f"{scrub(message, uri)} (storage {shown!r})")
+        self.uri = shown
 
 
 class RateLimitExceeded(LLMGuardError):

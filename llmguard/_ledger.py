@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from ._redact import redact_uri
 from ._storage import LocalStorage, MemoryStorage, RedisStorage, Storage, _wrapped
 
 PICO = 10**12  # pico-dollars per dollar
@@ -386,4 +387,6 @@ def ledger_for(storage: Storage) -> Ledger:
         return RedisLedger(storage)
     if isinstance(storage, (LocalStorage, MemoryStorage)):
         return DocLedger(storage)
-    raise TypeError(f"budgets need local, memory:// or redis:// storage, not {storage.uri!r}")
+    raise TypeError(
+        f"budgets need local, memory:// or redis:// storage, not {redact_uri(storage.uri)!r}"
+    )

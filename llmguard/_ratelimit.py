@@ -37,6 +37,7 @@ from ._pipeline import (
     check_options,
     guard,
 )
+from ._redact import redact_uri
 from ._storage import _scheme, open_storage, split_redis_prefix, validate_uri
 
 P = ParamSpec("P")
@@ -93,7 +94,8 @@ def limits_storage(uri: str | None, clock: Callable[[], float] = time.time) -> t
                 )
             else:
                 raise ConfigurationError(
-                    f"rate limits need local, memory:// or redis:// storage, not {chosen!r}"
+                    "rate limits need local, memory:// or redis:// storage, "
+                    f"not {redact_uri(chosen)!r}"
                 )
             _limits_storages[(chosen, clock)] = found
     return found

@@ -1,8 +1,10 @@
 """``llmguard report``: the bill, read back from llmguard's own events.
 
 Reads JSON lines (plain or gzipped, one file or several); lines that are not llmguard
-events are skipped and counted, never a crash. Every number is a sum over the events it
-came from, in exact decimals.
+events, and events with a malformed field (a count that is not a whole number >= 0, a cost
+that is not a finite amount, a list where a name belongs...), are skipped and counted, never
+a crash. A file that ends early (a truncated gzip) gives what was read before, and says
+where it stopped. Every number is a sum over the events it came from, in exact decimals.
 """
 
 from __future__ import annotations
@@ -11,21 +13,82 @@ import csv
 import gzip
 import io
 import json
+import math
 import os
 import sys
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ._money import decimal_text, format_usd
 from ._prices import calc_cost
 
 DIMENSIONS = ("function", "model", "day", "budget", "route")
 _ZERO = Decimal(0)
+_TEXT_FIELDS = ("function", "model", "budget", "route", "route_default", "cache", "outcome")
+_COUNT_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens")
+_AMOUNT_FIELDS = ("cost_usd", "saved_usd", "rate_wait_s", "retry_wait_s")
+_MAX_COUNT = 10**15  # tokens in one call: far beyond any model
+_MAX_AMOUNT = Decimal(10**12)  # USD or seconds for one call
+
+
+class Malformed(ValueError):
+    """An event with a field of the wrong kind: skipped and counted, never summed."""
+
+
+def _count(value: Any) -> int:
+    count: int
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise Malformed("a count that is a bool")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise Malformed("a count that is not whole")
+        count = int(value)
+    elif isinstance(value, (str, int)):
+        count = int(value)  # ValueError for "abc"
+    else:
+        raise Malformed(f"a count that is a {type(value).__name__}")
+    if not 0 <= count <= _MAX_COUNT:
+        raise Malformed("a count out of range")
+    return count
+
+
+def _amount(value: Any) -> Decimal | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise Malformed(f"an amount that is a {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Malformed("an amount that is not finite")
+    amount = Decimal(str(value))  # InvalidOperation (an ArithmeticError) for "abc"
+    if not amount.is_finite() or not 0 <= amount <= _MAX_AMOUNT:
+        raise Malformed("an amount out of range")
+    return amount
+
+
+def clean(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` with its counts as ints and its amounts as Decimals; Malformed (a
+    ValueError) if a field is not what llmguard writes there."""
+    out = dict(event)
+    for name in _TEXT_FIELDS:
+        if out.get(name) is not None and not isinstance(out[name], str):
+            raise Malformed(f"{name} is a {type(out[name]).__name__}")
+    for name in _COUNT_FIELDS:
+        if name in out:
+            out[name] = _count(out[name])
+    for name in _AMOUNT_FIELDS:
+        if name in out:
+            out[name] = _amount(out[name])
+    if out.get("error") is not None and not isinstance(out["error"], str):
+        out["error"] = str(out["error"])[:200]
+    return out
 
 
 def _money(value: Any) -> Decimal:
@@ -95,6 +158,7 @@ class Report:
     errors_by_type: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     budget_alerts: list[dict[str, Any]] = field(default_factory=list)
     skipped_lines: int = 0
+    stopped: list[str] = field(default_factory=list)  # files that could not be read to the end
 
     @property
     def cache_hit_rate(self) -> float:
@@ -111,48 +175,56 @@ class Report:
                 "errors_by_type": dict(self.errors_by_type),
                 "budget_alerts": len(self.budget_alerts),
                 "skipped_lines": self.skipped_lines,
+                "incomplete_files": list(self.stopped),
             },
             "by": self.by,
             "groups": {name: row.as_dict() for name, row in sorted(self.groups.items())},
         }
 
 
-def _open(path: str) -> tuple[TextIO, Any, int]:
-    """(text stream, underlying binary file or None, size in bytes or 0)."""
+def _open(path: str) -> tuple[Any, Any, int]:
+    """(stream of lines as bytes, or as text for a text-only standard input; underlying
+    binary file or None; size in bytes or 0)."""
     if path == "-":
-        return sys.stdin, None, 0
+        return getattr(sys.stdin, "buffer", sys.stdin), None, 0
     raw = Path(path).open("rb")  # noqa: SIM115 - closed by read_events
     size = os.fstat(raw.fileno()).st_size
     if raw.read(2) == b"\x1f\x8b":
         raw.seek(0)
-        return (
-            io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", errors="replace"),
-            raw,
-            size,
-        )
+        return gzip.GzipFile(fileobj=raw), raw, size
     raw.seek(0)
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace"), raw, size
+    return raw, raw, size
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
 
 
 def read_events(
     paths: Iterable[str],
     counter: list[int] | None = None,
     progress: Callable[[str, float], None] | None = None,
+    stopped: list[str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """llmguard's events from JSON-line files; ``counter[0]`` counts the other lines;
-    ``progress(path, fraction)`` is told how far into a file reading is."""
+    ``progress(path, fraction)`` is told how far into a file reading is. A file that cannot
+    be read to its end (truncated gzip, unreadable) gives the events read before, and a
+    line in ``stopped`` saying where it stopped (an OSError if ``stopped`` is None)."""
     for path in paths:
-        stream, raw, size = _open(path)
+        number = 0
+        stream = raw = None
         try:
-            for number, line in enumerate(stream):
-                if progress is not None and raw is not None and size and number % 20000 == 0:
+            stream, raw, size = _open(path)
+            for number, line in enumerate(stream, 1):
+                if progress is not None and raw is not None and size and number % 20000 == 1:
                     progress(path, min(raw.tell() / size, 1.0))
+                if isinstance(line, bytes):
+                    line = line.decode("utf-8", "replace")
                 line = line.strip()
                 if not line:
                     continue
                 try:
                     event = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     event = None
                 if isinstance(event, dict) and event.get("event") in (
                     "llm_call",
@@ -164,8 +236,14 @@ def read_events(
                     counter[0] += 1
             if progress is not None and raw is not None and size:
                 progress(path, 1.0)
+        except _READ_ERRORS as exc:
+            if stopped is None:
+                raise
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            where = f"after line {number}" if number else "before its first line"
+            stopped.append(f"{path}: stopped {where}: {reason or type(exc).__name__}")
         finally:
-            if stream is not sys.stdin:
+            if stream is not None and stream is not raw and path != "-":
                 stream.close()
             if raw is not None:
                 raw.close()  # a GzipFile does not close the file it reads
@@ -203,7 +281,12 @@ def build(
     """Aggregate events into a report, grouped ``by`` one of :data:`DIMENSIONS`."""
     report = Report(by=by)
     cutoff = None if since is None else datetime.now(timezone.utc) - since
-    for event in events:
+    for found in events:
+        try:
+            event = clean(found)
+        except (ValueError, ArithmeticError):  # Malformed, int("abc"), Decimal("abc")
+            report.skipped_lines += 1
+            continue
         at = _timestamp(event)
         if cutoff is not None and (at is None or at < cutoff):
             continue
@@ -252,7 +335,8 @@ def render_table(report: Report) -> str:
         f"budget alerts    {len(report.budget_alerts)}",
     ]
     if report.skipped_lines:
-        lines.append(f"skipped lines    {report.skipped_lines} (not llmguard events)")
+        lines.append(f"skipped lines    {report.skipped_lines} (not llmguard events, or malformed)")
+    lines += [f"incomplete       {note}" for note in report.stopped]
     header = (report.by, "calls", "spent", "saved (cache)", "saved (routing)", "hits", "errors")
     rows = [header] + [
         (

@@ -178,7 +178,26 @@ def decode(raw: bytes, *, function: str, allow_pickle: bool) -> Entry:
     except EntryError:
         raise
     except Exception as exc:
-        raise EntryError(f"{type(exc).__name__}: {exc}") from exc
+        raise EntryError(describe_error(exc)) from exc
+
+
+def describe_error(exc: Exception) -> str:
+    """What went wrong reading an entry, without the entry's content: a pydantic
+    ValidationError says ``input_value=...`` (the cached response itself), so only its
+    field paths and error types are kept."""
+    errors = getattr(exc, "errors", None)
+    if type(exc).__name__ == "ValidationError" and callable(errors):
+        try:
+            found = list(errors(include_url=False, include_context=False, include_input=False))
+        except Exception:
+            found = []
+        where = ", ".join(
+            f"{'.'.join(str(part) for part in e.get('loc', ())) or '(root)'} ({e.get('type')})"
+            for e in found[:5]
+        )
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        return f"ValidationError: {getattr(exc, 'title', '?')}: {where or '?'}{more}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _chunk(chunk: Any, function: str, classes: dict[str, int]) -> bytes:

@@ -13,12 +13,16 @@ a plain path                            mode 0700): shared by every process on t
                                         puts every key llmguard writes under that prefix
 =====================================  ===============================================
 
-Values are bytes (or ints for counters). The local backend never unpickles: a value that
-is not plain data is refused, so a writable cache folder cannot be used to run code.
+Values are bytes (or ints for counters). The local backend treats its folder as hostile
+input: it never unpickles (a pickled value is refused, a pickled key is skipped), never opens
+or deletes a file outside the folder whatever a row says, refuses a folder that another user
+owns or that group/others can write, and creates its folders 0700 and files 0600.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
 import time
@@ -29,7 +33,9 @@ from typing import Any
 from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ._config import cache_dir, cache_size_limit, ensure_private_dir, storage_uri
-from ._errors import ConfigurationError, StorageError, require
+from ._errors import ConfigurationError, LLMGuardError, StorageError, require
+from ._events import warn_once
+from ._redact import redact_uri
 
 
 class Storage(ABC):
@@ -99,7 +105,7 @@ class Storage(ABC):
         """Release connections and files."""
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.uri!r}>"
+        return f"<{type(self).__name__} {redact_uri(self.uri)!r}>"
 
 
 class _wrapped:
@@ -212,11 +218,56 @@ class MemoryStorage(Storage):
             return True
 
 
+class RefusedRow(StorageError):
+    """A row of a local storage's database that llmguard will not use (it points outside the
+    folder, or at no file): the row is dropped, the file it names is never touched."""
+
+
+@functools.cache
 def _safe_disk() -> type:
     import diskcache
+    from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_TEXT
 
     class SafeDisk(diskcache.Disk):  # type: ignore[misc]
-        """diskcache's Disk, minus pickle: only bytes, str, int and float go in or come out."""
+        """diskcache's Disk for a folder whose database may have been tampered with.
+
+        Only bytes, str, int and float go in or come out: a pickled value is refused, a
+        pickled key is never unpickled (``get`` answers None for it, which no walk over
+        keys takes for a key). A row's file is opened or removed only if its real path
+        (symlinks resolved) is inside the folder. Sub-folders are created 0700 and value
+        files 0600, whatever the umask.
+        """
+
+        def __init__(self, directory: str, **settings: Any) -> None:
+            super().__init__(directory, **settings)
+            self._base = os.path.realpath(directory)
+            self._seen: set[str] = set()
+            self.refused = 0
+            self.on_refused: Callable[[str], None] | None = None
+
+        def _refuse(self, what: str, name: str | None = None) -> None:
+            if name is not None:
+                if name in self._seen:  # a row refused when read is dropped: count it once
+                    return
+                self._seen.add(name)
+            self.refused += 1
+            if self.on_refused is not None:
+                self.on_refused(what)
+
+        def _inside(self, filename: Any) -> str | None:
+            """The real path of a row's file, or None if it is not inside the folder."""
+            if not isinstance(filename, str) or not filename:
+                return None
+            full = os.path.realpath(os.path.join(self._base, filename))
+            if full == self._base or os.path.commonpath([self._base, full]) != self._base:
+                return None
+            return full
+
+        def get(self, key: Any, raw: bool) -> Any:
+            if not raw:
+                self._refuse("a pickled key")
+                return None
+            return super().get(key, raw)
 
         def store(self, value: Any, read: bool, key: Any = diskcache.UNKNOWN) -> Any:
             if not read and type(value) not in (bytes, str, int, float):
@@ -226,13 +277,67 @@ def _safe_disk() -> type:
             return super().store(value, read, key=key)
 
         def fetch(self, mode: int, filename: str, value: Any, read: bool) -> Any:
-            if mode == diskcache.core.MODE_PICKLE:
+            if mode == MODE_PICKLE:
                 raise StorageError(
                     "refusing to unpickle a value found in the cache folder (it was not written by "
                     "llmguard's storage); delete the folder if you did not put it there",
                     uri=self._directory,
                 )
+            if mode in (MODE_BINARY, MODE_TEXT):
+                full = self._inside(filename)
+                if full is None:
+                    self._refuse("a row whose file is outside the folder", str(filename))
+                    raise RefusedRow(
+                        f"a row names the file {str(filename)[:200]!r}, outside the cache folder",
+                        uri=self._directory,
+                    )
+                filename = full
             return super().fetch(mode, filename, value, read)
+
+        def remove(self, file_path: str) -> None:
+            full = self._inside(file_path)
+            if full is None:  # never delete a file the folder does not hold
+                self._refuse("a row whose file is outside the folder", str(file_path))
+                return
+            with contextlib.suppress(OSError):
+                os.remove(full)
+            parent = os.path.dirname(full)  # then the sub-folders it emptied, not the folder
+            while parent != self._base and parent.startswith(self._base + os.sep):
+                try:
+                    os.rmdir(parent)
+                except OSError:
+                    break
+                parent = os.path.dirname(parent)
+
+        def _makedirs(self, path: str) -> None:
+            parent = os.path.dirname(path)
+            if parent and parent != path and not os.path.isdir(parent):
+                self._makedirs(parent)
+            with contextlib.suppress(OSError):  # another process may be creating it too
+                os.mkdir(path, 0o700)
+
+        def _write(
+            self, full_path: str, iterator: Any, mode: str, encoding: str | None = None
+        ) -> int:
+            """diskcache's own ``_write``, creating the file 0600 (never through a link)."""
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            flags |= getattr(os, "O_BINARY", 0)
+            for count in range(1, 11):
+                self._makedirs(os.path.dirname(full_path))
+                try:
+                    # Another cache may have deleted the folder before the file was opened.
+                    fd = os.open(full_path, flags, 0o600)
+                except OSError:
+                    if count == 10:
+                        raise
+                    continue
+                with open(fd, mode.replace("x", "w"), encoding=encoding) as writer:
+                    size = 0
+                    for chunk in iterator:
+                        size += len(chunk)
+                        writer.write(chunk)
+                    return size
+            raise AssertionError("unreachable")  # pragma: no cover
 
     return SafeDisk
 
@@ -246,6 +351,11 @@ class LocalStorage(Storage):
     Two diskcache databases: the folder itself for state (locks, counters, ledgers: never
     evicted) and ``entries/`` for cache entries, evicted least-recently-stored first beyond
     ``size_limit`` bytes.
+
+    The folder must belong to this process's user and not be writable by group or others
+    (StorageError otherwise: whoever can write it could plant entries or budget records).
+    Rows llmguard did not write and will not use (a pickled key, a file outside the
+    folder) are skipped or dropped and counted in ``refused_rows``, with one warning.
     """
 
     def __init__(
@@ -261,13 +371,55 @@ class LocalStorage(Storage):
         self._cache: Any = None
         self._entries: Any = None
         self._lock = threading.Lock()
+        self.refused_rows = 0
+
+    def _refused(self, what: str) -> None:
+        self.refused_rows += 1
+        warn_once(
+            f"{self.directory}:{what}",
+            "storage_row_refused",
+            folder=str(self.directory),
+            row=what,
+            hint="llmguard did not write it and skipped it; delete the folder if you did not "
+            "put it there",
+        )
+
+    def _check_private(self, folder: Path) -> None:
+        """StorageError unless ``folder`` is this user's and only this user can write it."""
+        if os.name != "posix":
+            return
+        info = os.stat(folder)
+        if info.st_uid != os.geteuid():
+            raise StorageError(
+                f"refusing the cache folder {folder}: it belongs to user id {info.st_uid}, not "
+                f"to this process's user id {os.geteuid()}, and its owner could plant cache "
+                "entries or budget records in it; use a folder of your own (LLMGUARD_CACHE_DIR "
+                "or configure(cache_dir=...)), or chown it to this user and `chmod 700` it",
+                uri=self.uri,
+            )
+        loose = info.st_mode & 0o022
+        if loose:
+            who = "group and others" if loose == 0o022 else "group" if loose & 0o020 else "others"
+            raise StorageError(
+                f"refusing the cache folder {folder}: it is writable by {who} (mode "
+                f"{info.st_mode & 0o777:o}), and whoever can write it could plant cache entries "
+                f"or budget records in it; run `chmod 700 {folder}`",
+                uri=self.uri,
+            )
 
     def _open(self, folder: Path, **settings: Any) -> Any:
         import diskcache
 
         with _wrapped(self.uri, "opening the cache folder"):
             ensure_private_dir(folder)
-            return diskcache.Cache(str(folder), disk=_safe_disk(), timeout=60, **settings)
+            for checked in {self.directory, folder}:
+                self._check_private(checked)
+            database = folder / "cache.db"  # created 0600 before SQLite creates it 0644
+            flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            os.close(os.open(database, flags, 0o600))
+            cache = diskcache.Cache(str(folder), disk=_safe_disk(), timeout=60, **settings)
+            cache.disk.on_refused = self._refused
+            return cache
 
     def atomic(self) -> Any:
         """A block in which get/set/... are one atomic step across every process (an SQLite
@@ -303,9 +455,19 @@ class LocalStorage(Storage):
             return value
         return str(value).encode()
 
+    @staticmethod
+    def _fetch(cache: Any, key: str) -> Any:
+        """``cache.get(key)``; a refused row is dropped (its file untouched) and reads as
+        absent."""
+        try:
+            return cache.get(key)
+        except RefusedRow:
+            cache.delete(key)
+            return None
+
     def get(self, key: str) -> bytes | None:
         with _wrapped(self.uri, "get"):
-            return self._as_bytes(self.cache.get(key))
+            return self._as_bytes(self._fetch(self.cache, key))
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         with _wrapped(self.uri, "set"):
@@ -335,7 +497,7 @@ class LocalStorage(Storage):
         with _wrapped(self.uri, "release"):
             cache = self.cache
             with cache.transact():
-                if cache.get(key) != token:
+                if self._fetch(cache, key) != token:
                     return False
                 return bool(cache.delete(key))
 
@@ -372,7 +534,7 @@ class LocalStorage(Storage):
 
     def get_entry(self, key: str) -> bytes | None:
         with _wrapped(self.uri, "get"):
-            return self._as_bytes(self.entries.get(key))
+            return self._as_bytes(self._fetch(self.entries, key))
 
     def set_entry(self, key: str, value: bytes, ttl: float | None = None) -> None:
         with _wrapped(self.uri, "set"):
@@ -434,7 +596,7 @@ class RedisStorage(Storage):
     """
 
     def __init__(self, uri: str) -> None:
-        redis = require("redis", extra="redis", what=f"storage {uri!r}")
+        redis = require("redis", extra="redis", what=f"storage {redact_uri(uri)!r}")
         self.uri = uri
         self.connection_uri, self.prefix = split_redis_prefix(uri)
         self.client = redis.Redis.from_url(
@@ -569,10 +731,10 @@ def validate_uri(uri: str) -> str:
     if scheme not in _registry:
         known = ", ".join(sorted(f"{s}://" for s in _registry))
         raise ConfigurationError(
-            f"unknown storage scheme in {uri!r}: use one of {known}, or a folder path"
+            f"unknown storage scheme in {redact_uri(uri)!r}: use one of {known}, or a folder path"
         )
     if _registry[scheme] is RedisStorage:
-        require("redis", extra="redis", what=f"storage {uri!r}")
+        require("redis", extra="redis", what=f"storage {redact_uri(uri)!r}")
     return uri
 
 
@@ -585,7 +747,14 @@ def open_storage(uri: str | None = None) -> Storage:
             storage = _open.get(chosen)
             if storage is None:
                 validate_uri(chosen)
-                storage = _registry[_scheme(chosen)](chosen)
+                try:
+                    storage = _registry[_scheme(chosen)](chosen)
+                except LLMGuardError:
+                    raise
+                except Exception as exc:  # e.g. a malformed port: say so, without the password
+                    raise StorageError(
+                        f"opening failed: {type(exc).__name__}: {exc}", uri=chosen
+                    ) from exc
                 _open[chosen] = storage
     return storage
 
