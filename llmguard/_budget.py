@@ -294,7 +294,7 @@ class _BudgetLayer:
         if is_stream(result):  # hold the reservation until the stream has been consumed
 
             def at_end(tally: StreamTally, error: BaseException | None) -> None:
-                cost = call.stream_cost(tally)[1]
+                cost = call.streamed_cost(tally, error, reported_before)
                 _run_inline(settle(_pico(cost if cost is not None else estimate), ttl, start, end))
 
             return wrap_stream(result, at_end)
