@@ -1095,3 +1095,36 @@ def test_an_async_stream_whose_task_is_cancelled_is_settled(
     assert event["stream_chunks"] == len(read)
     _assert_metered(event, "gpt-4o", "".join(read), None)
     _assert_settled("cancelled", event)
+
+
+def test_waiters_on_a_stream_another_process_is_storing_get_replays(
+    fake_llm: FakeLLMServer, tmp_path: Any
+) -> None:
+    import threading
+    import time
+
+    client = fake_llm.openai_client()
+
+    def decorate() -> Any:  # two decorations of one function: two processes' worth of state
+        @llmguard.cached(storage=f"file://{tmp_path}/c")
+        def ask(question: str) -> Any:
+            return client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": question}], stream=True
+            )
+
+        return ask
+
+    other, mine = decorate(), decorate()
+    elsewhere = other("q")  # holds the storage lock until its stream has been read
+    results: list[list[Any]] = []
+    threads = [threading.Thread(target=lambda: results.append(list(mine("q")))) for _ in "ab"]
+    for thread in threads:  # one waits on the lock, the other on the first
+        thread.start()
+        time.sleep(0.1)
+    original = list(elsewhere)
+    for thread in threads:
+        thread.join()
+    assert len(fake_llm.requests) == 1
+    assert [[c.model_dump() for c in chunks] for chunks in results] == [
+        [c.model_dump() for c in original]
+    ] * 2
