@@ -335,11 +335,17 @@ class CallRecord:
         self, tally: StreamTally, error: BaseException | None, since: int
     ) -> Decimal | None:
         """What this call spent from its ``since``-th usage report on, the stream it returned
-        included once (its usage may already be among the reports: see StreamTally.claim)."""
-        cost = _ZERO if tally.owner is self else self.stream_cost(tally, error)[1]
-        if len(self.usages) > since:
-            reported = self.usage_totals(since)[1]
-            cost = None if cost is None or reported is None else cost + reported
+        included once (its usage may already be among the reports: see StreamTally.claim);
+        as the event counts it, a stream without usage is estimated only if nothing reported
+        real usage (a generator reading an instrumented stream, say)."""
+        reported = len(self.usages) > since
+        if tally.owner is self or (reported and tally.usage is None):
+            cost: Decimal | None = _ZERO  # among the reports (as the event counts it)
+        else:
+            cost = self.stream_cost(tally, error)[1]
+        if reported:
+            part = self.usage_totals(since)[1]
+            cost = None if cost is None or part is None else cost + part
         return cost
 
     def output_budget(self, default: int) -> int:
@@ -550,6 +556,18 @@ def _finish_stream(call: CallRecord, tally: StreamTally, error: BaseException | 
     _finish(call, tally.text, error)
 
 
+def _metered_stream(call: CallRecord, result: Any) -> Any:
+    """A returned stream, metered when the caller has consumed it. A generator's own code
+    runs as the caller reads it: it runs as part of this call (its instrumented provider
+    calls and nested decorated calls report here)."""
+    return wrap_stream(
+        result,
+        functools.partial(_finish_stream, call),
+        count_only=call.metering is not None,  # served: its cost is known
+        context=(_current, call),
+    )
+
+
 def _event_fields(call: CallRecord, result: Any, error: BaseException | None) -> dict[str, Any]:
     metering = call.meter(result, error)
     cost = metering.cost
@@ -604,11 +622,7 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
                 raise
             _current.reset(token)
             if is_stream(result):  # metered when the caller has consumed it
-                return wrap_stream(
-                    result,
-                    functools.partial(_finish_stream, call),
-                    count_only=call.metering is not None,  # served: its cost is known
-                )
+                return _metered_stream(call, result)
             _finish(call, result, None)
             return result
 
@@ -625,11 +639,7 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
             raise
         _current.reset(token)
         if is_stream(result):  # metered when the caller has consumed it
-            return wrap_stream(
-                result,
-                functools.partial(_finish_stream, call),
-                count_only=call.metering is not None,  # served: its cost is known
-            )
+            return _metered_stream(call, result)
         _finish(call, result, None)
         return result
 

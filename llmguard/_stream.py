@@ -26,6 +26,7 @@ import threading
 import types
 import weakref
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import Any
 
 from ._events import warn_once
@@ -316,11 +317,15 @@ class StreamMeter:
                 pass
 
 
+Context = tuple[ContextVar[Any], Any]
+
+
 class _Base:
-    def __init__(self, inner: Any, meter: StreamMeter) -> None:
+    def __init__(self, inner: Any, meter: StreamMeter, context: Context | None = None) -> None:
         self._inner = inner
         self.meter = meter
         self._tally = meter.tally
+        self._context = context  # set while the inner stream runs (a generator's own code)
         meter.hold(self)
 
     @property
@@ -331,7 +336,7 @@ class _Base:
         self.meter.end(error)
 
     def __getattr__(self, name: str) -> Any:  # .response, .get_final_completion(), ...
-        if name in ("_inner", "meter", "_tally"):
+        if name in ("_inner", "meter", "_tally", "_context"):
             raise AttributeError(name)
         return getattr(self._inner, name)
 
@@ -342,9 +347,19 @@ class MeteredStream(_Base):
     def __iter__(self) -> MeteredStream:
         return self
 
+    def _next(self) -> Any:
+        if self._context is None:
+            return next(self._inner)
+        var, value = self._context
+        token = var.set(value)
+        try:
+            return next(self._inner)
+        finally:
+            var.reset(token)
+
     def __next__(self) -> Any:
         try:
-            chunk = next(self._inner)
+            chunk = self._next()
         except StopIteration:
             self._tally.complete = True
             self._end(None)
@@ -378,9 +393,19 @@ class AsyncMeteredStream(_Base):
     def __aiter__(self) -> AsyncMeteredStream:
         return self
 
+    async def _next(self) -> Any:
+        if self._context is None:
+            return await self._inner.__anext__()
+        var, value = self._context
+        token = var.set(value)
+        try:
+            return await self._inner.__anext__()
+        finally:
+            var.reset(token)
+
     async def __anext__(self) -> Any:
         try:
-            chunk = await self._inner.__anext__()
+            chunk = await self._next()
         except StopAsyncIteration:
             self._tally.complete = True
             self._end(None)
@@ -494,21 +519,38 @@ def _close_request(manager: Any) -> None:
         pass
 
 
-def wrap(stream: Any, on_end: OnEnd, *, keep: bool = False, count_only: bool = False) -> Any:
+def wrap(
+    stream: Any,
+    on_end: OnEnd,
+    *,
+    keep: bool = False,
+    count_only: bool = False,
+    context: Context | None = None,
+) -> Any:
     """``stream`` metered: ``on_end(tally, error)`` runs once, when it ends; ``keep`` also
-    keeps the chunks in ``tally.kept``; ``count_only`` only counts them (a cache replay). A
-    stream wrapped already gets one more observer, not a second wrapper."""
+    keeps the chunks in ``tally.kept``; ``count_only`` only counts them (a cache replay);
+    ``context`` (a contextvar and its value) is set while a generator computes a chunk (its
+    code runs as it is read), unless an inner wrapper set one. A stream wrapped already gets
+    one more observer, not a second wrapper."""
     if isinstance(stream, (_Base, ManagedStream)):
         stream.meter.listen(on_end, keep=keep, count_only=count_only)
+        if isinstance(stream, _Base) and stream._context is None and _lazy(stream._inner):
+            stream._context = context
         return stream
     manager = is_stream_manager(stream)
     meter = StreamMeter(keep=keep, count_only=count_only, sent=not manager)
     meter.listen(on_end)
     if manager:
         return ManagedStream(stream, meter)
+    if not _lazy(stream):
+        context = None
     if hasattr(type(stream), "__anext__"):
-        return AsyncMeteredStream(stream, meter)
-    return MeteredStream(stream, meter)
+        return AsyncMeteredStream(stream, meter, context)
+    return MeteredStream(stream, meter, context)
+
+
+def _lazy(stream: Any) -> bool:
+    return isinstance(stream, (types.GeneratorType, types.AsyncGeneratorType))
 
 
 def discard(stream: Any) -> None:

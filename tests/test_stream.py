@@ -1128,3 +1128,46 @@ def test_waiters_on_a_stream_another_process_is_storing_get_replays(
     assert [[c.model_dump() for c in chunks] for chunks in results] == [
         [c.model_dump() for c in original]
     ] * 2
+
+
+def test_a_generator_reading_an_instrumented_stream_reports_its_real_usage(
+    flavour: str, fake_llm: FakeLLMServer, events: CapturedEvents, tmp_path: Any
+) -> None:
+    """A decorated generator (a streaming endpoint's body) runs as the caller reads it: its
+    instrumented provider call reports to the call, once, and the budget agrees."""
+    budget = _budget(tmp_path, f"generator-{flavour}")
+    options: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+    seen: list[Any] = []
+    if flavour == "sync":
+        client = llmguard.instrument(fake_llm.openai_client())
+
+        @budget
+        def answer(messages: list[dict[str, str]], model: str = "gpt-4o") -> Iterator[str]:
+            for chunk in client.chat.completions.create(model=model, messages=messages, **options):
+                seen.append(chunk)
+                if chunk.choices:
+                    yield chunk.choices[0].delta.content or ""
+
+        text = "".join(answer(MESSAGES))
+    else:
+        aclient = llmguard.instrument(fake_llm.openai_client(async_client=True))
+
+        @budget
+        async def aanswer(messages: list[dict[str, str]], model: str = "gpt-4o") -> Any:
+            stream = await aclient.chat.completions.create(
+                model=model, messages=messages, **options
+            )
+            async for chunk in stream:
+                seen.append(chunk)
+                if chunk.choices:
+                    yield chunk.choices[0].delta.content or ""
+
+        async def main() -> str:
+            return "".join([piece async for piece in aanswer(MESSAGES)])
+
+        text = asyncio.run(main())
+    assert text == REPLY
+    [event] = events.calls
+    assert event["cost_source"] == "usage"
+    assert (event["input_tokens"], event["output_tokens"]) == _usage_of(seen)
+    _assert_settled(f"generator-{flavour}", event)
