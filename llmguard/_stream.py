@@ -22,6 +22,8 @@ only (:meth:`StreamTally.claim`).
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import threading
 import types
 import weakref
@@ -196,10 +198,79 @@ class StreamTally:
                 self._output = output
 
 
+# -- streams dropped unfinished ------------------------------------------------------------
+# A finalizer runs wherever the garbage collector happens to run: in any thread, maybe while
+# that thread holds a lock that settling needs (a storage's, the cache's). So it only queues
+# the stream; a daemon thread settles it (no event loop needed), and at exit the queue is
+# settled before the interpreter goes.
+_settler_lock = threading.Lock()
+_dropped: Any = None  # queue.SimpleQueue: put() is safe from finalizers
+_exiting = False
+_exit_hook = False
+
+
+def _start_settler() -> Any:
+    """The queue of dropped streams, its daemon thread started on first use (per process)."""
+    global _dropped, _exit_hook
+    with _settler_lock:
+        if _dropped is None:
+            import atexit
+            import queue
+
+            dropped: Any = queue.SimpleQueue()
+            threading.Thread(
+                target=_settle_dropped, args=(dropped,), name="llmguard-streams", daemon=True
+            ).start()
+            _dropped = dropped
+            if not _exit_hook:
+                atexit.register(_at_exit)
+                _exit_hook = True
+    return _dropped
+
+
+def _settle_dropped(dropped: Any) -> None:
+    while True:
+        item = dropped.get()
+        try:
+            if isinstance(item, threading.Event):  # settle_dropped_streams() waits for it
+                item.set()
+            else:
+                item.dropped()
+        except Exception:  # pragma: no cover - dropped() swallows what observers raise
+            pass
+
+
+def settle_dropped_streams(timeout: float | None = 5.0) -> bool:
+    """Wait until the streams dropped unfinished so far have been settled (their events
+    emitted, their budget reservations released); False if ``timeout`` passed first."""
+    dropped = _dropped
+    if dropped is None:
+        return True
+    done = threading.Event()
+    dropped.put(done)
+    return done.wait(timeout)
+
+
+def _at_exit() -> None:
+    global _exiting
+    _exiting = True  # from now on, settled where dropped: the interpreter is going
+    settle_dropped_streams(5.0)
+
+
+def _forget_settler() -> None:  # a forked child has no settler thread
+    global _dropped, _settler_lock
+    _dropped = None
+    _settler_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_settler)
+
+
 class StreamMeter:
     """One stream's tally and the observers waiting for its end, told once, in the order
     they asked, when the stream ends, is closed, fails, or when every wrapper of it has been
-    garbage-collected unfinished (then from whatever thread collects it: observers must not
+    garbage-collected unfinished (then settled by the streams thread: observers must not
     need an event loop, and nothing they raise escapes)."""
 
     __slots__ = (
@@ -247,21 +318,22 @@ class StreamMeter:
     def hold(self, holder: object) -> None:
         """``holder`` (a wrapper) uses this meter; when all holders are garbage-collected
         before the end, the stream is settled with what was consumed."""
+        if _dropped is None:
+            _start_settler()
+        finalizer = weakref.finalize(holder, _release, self)
         meter = self.resolve()
         with meter._lock:
             meter._holders += 1
-            meter._finalizers.append(weakref.finalize(holder, self._release))
+            meter._finalizers.append(finalizer)
 
-    def _release(self) -> None:
-        try:
-            meter = self.resolve()
-            with meter._lock:
-                meter._holders -= 1
-                last = meter._holders <= 0 and not meter.done
-            if last:
-                meter.end(None, abandoned=True)
-        except Exception:  # pragma: no cover - a finalizer must never raise
-            pass
+    def dropped(self) -> None:
+        """A holder was garbage-collected: the last one settles the stream unfinished."""
+        meter = self.resolve()
+        with meter._lock:
+            meter._holders -= 1
+            last = meter._holders <= 0 and not meter.done
+        if last:
+            meter.end(None, abandoned=True)
 
     def absorb(self, other: StreamMeter) -> None:
         """``other`` (a stream manager's meter) now meters the same stream as this one (its
@@ -318,6 +390,19 @@ class StreamMeter:
 
 
 Context = tuple[ContextVar[Any], Any]
+
+
+def _release(meter: StreamMeter) -> None:
+    """A holder's finalizer: queue the meter (settle it here when the interpreter exits, or
+    in a forked child that has no settler thread yet)."""
+    try:
+        dropped = _dropped
+        if dropped is None or _exiting or sys.is_finalizing():
+            meter.dropped()
+        else:
+            dropped.put(meter)
+    except Exception:  # pragma: no cover - a finalizer must never raise
+        pass
 
 
 class _Base:

@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 import llmguard
-from llmguard.testing import CapturedEvents, FakeLLMServer
+from llmguard.testing import CapturedEvents, FakeLLMServer, settle_dropped_streams
 
 MESSAGES = [{"role": "user", "content": "stream me a reply please"}]
 REPLY = "Fake reply about: stream me a reply please"
@@ -977,7 +977,8 @@ def test_a_stream_left_with_break_is_settled_when_dropped(
                     break
             del stream
             gc.collect()
-            assert len(events.calls) == 1  # settled now, inside the loop, without awaiting
+            assert settle_dropped_streams()
+            assert len(events.calls) == 1  # settled without this (blocked) event loop
             return read
 
         text = asyncio.run(main())
@@ -990,6 +991,7 @@ def test_a_stream_left_with_break_is_settled_when_dropped(
         assert llmguard.budget_status(name).reserved_usd > 0
         del stream, chunk
         gc.collect()
+        assert settle_dropped_streams()
     [event] = events.calls
     assert (event["outcome"], event["stream_chunks"], event["stream_abandoned"]) == ("ok", 2, True)
     _assert_metered(event, "gpt-4o", text, None)  # the prompt and the text read, estimated
@@ -1021,6 +1023,7 @@ def test_an_anthropic_stream_left_unfinished_counts_its_real_input(
             break
     del stream, event
     gc.collect()
+    assert settle_dropped_streams()
     [logged] = events.calls
     _assert_claude_metered(logged, text, None)
     _assert_settled("claude-left", logged)
@@ -1045,6 +1048,7 @@ def test_a_stream_helper_never_entered_is_settled_unsent_when_dropped(
             assert llmguard.budget_status(f"unentered-{flavour}").reserved_usd > 0
             del manager
             gc.collect()
+            assert settle_dropped_streams()
 
         asyncio.run(main())
     else:
@@ -1052,6 +1056,7 @@ def test_a_stream_helper_never_entered_is_settled_unsent_when_dropped(
         assert llmguard.budget_status(f"unentered-{flavour}").reserved_usd > 0
         del manager
         gc.collect()
+        assert settle_dropped_streams()
     [event] = events.calls
     assert (event["cost_source"], event["cost_usd"], event["input_tokens"]) == ("none", 0.0, 0)
     status = llmguard.budget_status(f"unentered-{flavour}")
@@ -1171,3 +1176,40 @@ def test_a_generator_reading_an_instrumented_stream_reports_its_real_usage(
     assert event["cost_source"] == "usage"
     assert (event["input_tokens"], event["output_tokens"]) == _usage_of(seen)
     _assert_settled(f"generator-{flavour}", event)
+
+
+def test_a_stream_dropped_where_settling_would_deadlock_is_settled_by_another_thread(
+    fake_llm: FakeLLMServer, events: CapturedEvents, tmp_path: Any
+) -> None:
+    """The collector may find a dropped stream while its thread holds a lock that settling
+    needs (here the cache's own): the finalizer only queues it."""
+    import gc
+    import threading
+
+    client = fake_llm.openai_client()
+
+    @llmguard.cached(storage=f"file://{tmp_path}/c")
+    def ask(question: str) -> Any:
+        return client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": question}], stream=True
+        )
+
+    cache_lock = ask.__llmguard__.layers[0]._lock
+    outcome: list[int] = []
+
+    def drop_under_the_lock() -> None:
+        stream = ask("q")
+        next(stream)
+        with cache_lock:  # as if the collector ran inside the cache's bookkeeping
+            del stream
+            gc.collect()
+            outcome.append(len(events.calls))
+
+    worker = threading.Thread(target=drop_under_the_lock, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert outcome == [0]  # did not deadlock; queued, not settled under the lock
+    assert settle_dropped_streams()
+    [event] = events.calls
+    assert (event["stream_abandoned"], event["stream_chunks"], event["cache"]) == (True, 1, "miss")
+    assert ask.cache_info().entries == 0  # half a stream is never stored
