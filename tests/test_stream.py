@@ -1213,3 +1213,49 @@ def test_a_stream_dropped_where_settling_would_deadlock_is_settled_by_another_th
     [event] = events.calls
     assert (event["stream_abandoned"], event["stream_chunks"], event["cache"]) == (True, 1, "miss")
     assert ask.cache_info().entries == 0  # half a stream is never stored
+
+
+def test_a_stream_still_open_at_exit_is_settled_before_the_interpreter_goes(
+    tmp_path: Any,
+) -> None:
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    ledger = f"file://{tmp_path}/ledger"
+    script = textwrap.dedent(
+        """
+        import sys
+        import llmguard
+        from llmguard.testing import FakeLLMServer
+
+        fake = FakeLLMServer().start()
+        client = fake.openai_client()
+
+        @llmguard.budget(usd=1, name="at-exit", storage=sys.argv[1])
+        def ask(messages, model="gpt-4o", max_tokens=100):
+            return client.chat.completions.create(
+                model=model, messages=messages, max_tokens=max_tokens, stream=True
+            )
+
+        stream = ask([{"role": "user", "content": "hello there"}])
+        next(stream), next(stream)
+        print("reserved", llmguard.budget_status("at-exit").reserved_usd > 0, flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, ledger],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LLMGUARD_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "reserved True" in done.stdout
+    assert "stream_abandoned=True" in done.stdout  # its event, emitted at exit
+    assert "Exception ignored" not in done.stderr
+    llmguard.budget(usd=1, name="at-exit", storage=ledger)(lambda: None)
+    status = llmguard.budget_status("at-exit")
+    assert status.reserved_usd == 0
+    assert status.spent_usd > 0
