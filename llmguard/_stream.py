@@ -432,10 +432,7 @@ class MeteredStream(_Base):
     def __iter__(self) -> MeteredStream:
         return self
 
-    def _next(self) -> Any:
-        if self._context is None:
-            return next(self._inner)
-        var, value = self._context
+    def _next_in_context(self, var: ContextVar[Any], value: Any) -> Any:
         token = var.set(value)
         try:
             return next(self._inner)
@@ -444,7 +441,8 @@ class MeteredStream(_Base):
 
     def __next__(self) -> Any:
         try:
-            chunk = self._next()
+            context = self._context
+            chunk = next(self._inner) if context is None else self._next_in_context(*context)
         except StopIteration:
             self._tally.complete = True
             self._end(None)
@@ -478,10 +476,7 @@ class AsyncMeteredStream(_Base):
     def __aiter__(self) -> AsyncMeteredStream:
         return self
 
-    async def _next(self) -> Any:
-        if self._context is None:
-            return await self._inner.__anext__()
-        var, value = self._context
+    async def _next_in_context(self, var: ContextVar[Any], value: Any) -> Any:
         token = var.set(value)
         try:
             return await self._inner.__anext__()
@@ -490,7 +485,11 @@ class AsyncMeteredStream(_Base):
 
     async def __anext__(self) -> Any:
         try:
-            chunk = await self._next()
+            context = self._context
+            if context is None:
+                chunk = await self._inner.__anext__()
+            else:
+                chunk = await self._next_in_context(*context)
         except StopAsyncIteration:
             self._tally.complete = True
             self._end(None)
@@ -624,7 +623,7 @@ def wrap(
         return stream
     manager = is_stream_manager(stream)
     meter = StreamMeter(keep=keep, count_only=count_only, sent=not manager)
-    meter.listen(on_end)
+    meter.listen(on_end, keep=keep, count_only=count_only)
     if manager:
         return ManagedStream(stream, meter)
     if not _lazy(stream):
