@@ -865,6 +865,27 @@ def test_a_cached_openai_helper_replays_its_parsed_response_format(
     assert isinstance(second.parsed, Answer)
 
 
+def test_a_cached_anthropic_helper_replays_its_parsed_output_format(tmp_path: Any) -> None:
+    with FakeLLMServer(reply=lambda request: '{"answer": "yes", "confidence": 1}') as fake:
+        client = fake.anthropic_client()
+
+        @llmguard.cached(storage=f"file://{tmp_path}/c")
+        def ask(question: str) -> Any:
+            return client.messages.stream(
+                model=CLAUDE,
+                max_tokens=50,
+                messages=[{"role": "user", "content": question}],
+                output_format=Answer,
+            )
+
+        outputs = []
+        for _ in range(2):
+            with ask("q") as stream:
+                outputs.append(stream.get_final_message().parsed_output)
+        assert len(fake.requests) == 1
+    assert outputs == [Answer(answer="yes", confidence=1)] * 2
+
+
 def test_cached_refuses_a_stream_helper_it_cannot_replay_before_sending_it(
     flavour: str, fake_llm: FakeLLMServer, events: CapturedEvents, tmp_path: Any
 ) -> None:
