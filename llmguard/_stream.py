@@ -287,7 +287,7 @@ class StreamMeter:
     def __init__(self, *, keep: bool = False, count_only: bool = False, sent: bool = True) -> None:
         self.tally = StreamTally(keep, count_only, sent)
         self._listeners: list[OnEnd] = []
-        self._lock = threading.RLock()  # reentrant: a finalizer may run while it is held
+        self._lock = threading.RLock()  # reentrant: at exit, a finalizer settles inline
         self._holders = 0
         self._finalizers: list[weakref.finalize[Any, Any]] = []
         self._target: StreamMeter | None = None  # merged into another meter (see absorb)
