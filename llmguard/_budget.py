@@ -457,7 +457,7 @@ class _BudgetLayer:
 
             def at_end(tally: StreamTally, error: BaseException | None) -> None:
                 try:
-                    cost = call.stream_cost(tally)[1]
+                    cost = call.streamed_cost(tally, error, reported_before)
                     actual = _pico(cost if cost is not None else estimate)
                     _run_inline(settle(actual, ttl, start, end))
                 finally:

@@ -42,9 +42,18 @@ from ._pipeline import (
     guard,
     original,
 )
-from ._serialize import Entry, EntryError, decode, encode, unchunk
+from ._serialize import Entry, EntryError, decode, encode, helper_options, unchunk
 from ._storage import Storage, open_storage, validate_uri
-from ._stream import StreamTally, is_stream, is_stream_manager, replay
+from ._stream import (
+    StreamTally,
+    discard,
+    helper_of,
+    is_stream,
+    is_stream_manager,
+    manager_name,
+    replay,
+    replay_helper,
+)
 from ._stream import wrap as wrap_stream
 
 P = ParamSpec("P")
@@ -254,8 +263,10 @@ class _CacheLayer:
         value: Any,
         call: CallRecord,
         stream: tuple[str | None, Decimal | None] | None = None,
+        helper: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
-        """Store ``value`` (for a stream: its chunks, with the stream's (model, cost))."""
+        """Store ``value`` (for a stream: its chunks, with the stream's (model, cost), and
+        the stream helper that read them, if one did)."""
         model, cost = stream if stream is not None else _model_and_cost(call.meter(value))
         now = self.clock()
         data = encode(
@@ -267,6 +278,7 @@ class _CacheLayer:
             expires=None if self.ttl is None else now + self.ttl,
             function=self.function,
             stream=stream is not None,
+            helper=helper,
         )
         if self.ttl is None:
             physical = None
@@ -316,6 +328,11 @@ class _CacheLayer:
         if _bypass.get():
             call.fields["cache"] = "bypass"
             result = yield PROCEED
+            if storage is not None and is_stream(result):  # stored if read to its end
+                helper = self._helper(result) if is_stream_manager(result) else None
+                return self._store_when_done(
+                    call, storage, key, result, Flight(None), None, "", b"", helper
+                )
             if storage is not None and (self.cache_if is None or self.cache_if(result)):
                 yield from self._io(storage, self._write, storage, key, result, call)
             return result
@@ -334,9 +351,12 @@ class _CacheLayer:
 
     @staticmethod
     def _value(entry: Entry, call: CallRecord) -> Any:
-        """An entry's value for this call: a stored stream is replayed afresh."""
+        """An entry's value for this call: a stored stream is replayed afresh (a stream
+        helper's as a manager like the SDK's)."""
         if not entry.stream:
             return entry.value
+        if entry.helper is not None:
+            return replay_helper(entry.helper, entry.value, unchunk)
         return replay(entry.value, unchunk, asynchronous=call.spec.is_async)
 
     def _binds(self, call: CallRecord) -> bool:
@@ -430,7 +450,8 @@ class _CacheLayer:
                     assert entry is not None
                     if locked is not None:
                         yield from self._release(locked, lock_key, token)
-                    flight.finish(True, entry.value, entry.cost, entry.model)
+                    shared = _STREAM_STORED if entry.stream else entry.value
+                    flight.finish(True, shared, entry.cost, entry.model)
                     if locked is None:
                         call.fields["coalesced"] = True
                     return self._served(
@@ -451,12 +472,17 @@ class _CacheLayer:
             with self._lock:
                 self._misses += 1
             call.fields["cache"] = "miss"
-            if is_stream_manager(result):  # a context manager, not chunks: not replayable
-                return result
             if is_stream(result) and storage is not None:
+                helper = None
+                if is_stream_manager(result):  # checked before its request is sent
+                    try:
+                        helper = self._helper(result)
+                    except TypeError as exc:
+                        flight.finish(False, exc)
+                        raise
                 flight.deferred = True  # lock and flight stay open until the stream ends
                 return self._store_when_done(
-                    call, storage, key, result, flight, locked, lock_key, token
+                    call, storage, key, result, flight, locked, lock_key, token, helper
                 )
             if is_stream(result):
                 return result
@@ -483,19 +509,23 @@ class _CacheLayer:
         locked: Storage | None,
         lock_key: str,
         token: bytes,
+        helper: tuple[str, dict[str, Any]] | None = None,
     ) -> Any:
-        """The leader's stream, passed through; stored only if it runs to its end."""
+        """The leader's stream, passed through; stored only if it was read to its end from
+        its first chunk."""
 
         def at_end(tally: StreamTally, error: BaseException | None) -> None:
             stored = False
             try:
-                chunks = tally.kept or []
+                chunks = tally.kept
                 if (
                     error is None
                     and tally.complete
+                    and chunks is not None
                     and (self.cache_if is None or self.cache_if(chunks))
                 ):
-                    self._write(storage, key, chunks, call, stream=call.stream_cost(tally))
+                    cost = call.stream_cost(tally)
+                    self._write(storage, key, chunks, call, stream=cost, helper=helper)
                     stored = True
             finally:
                 if locked is not None:
@@ -515,9 +545,30 @@ class _CacheLayer:
         except StorageError as exc:
             self._warn("cache_unavailable", exc)
 
+    def _helper(self, manager: Any) -> tuple[str, dict[str, Any]]:
+        """What a replay of this stream helper needs (its class and parse options, stored);
+        TypeError before its request is sent (and the helper discarded) if it cannot be
+        replayed faithfully."""
+        helper = helper_of(manager)
+        try:
+            if helper is not None:
+                return helper[0], helper_options(helper[1])
+            problem = "this SDK version's stream helper is not one llmguard knows how to replay"
+        except TypeError as exc:
+            problem = (
+                f"its {exc} option is neither plain data nor a pydantic model class, so a "
+                "replay could not parse like the original"
+            )
+        discard(manager)
+        raise TypeError(
+            f"@cached cannot store the {manager_name(manager)} returned by {self.function}: "
+            f"{problem}. Nothing was sent. Return create(stream=True) instead, or remove "
+            "@cached from this function."
+        )
+
     def _stale(self, call: CallRecord, stale: Entry, error: BaseException) -> Any:
         call.fields["stale_error"] = type(error).__name__
-        return self._served(call, stale.value, stale.model, stale.cost, "stale")
+        return self._served(call, self._value(stale, call), stale.model, stale.cost, "stale")
 
     # -- the function's cache_* methods -------------------------------------------------
     def info(self) -> CacheInfo:

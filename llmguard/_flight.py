@@ -39,7 +39,7 @@ class Flight:
         self.outcome = (ok, value, cost, model)
         self.event.set()
         if self.future is not None and not self.future.done():
-            self.future.set_result(None)  # the leader runs in this loop's thread
+            _wake(self.future)
 
     def wait(self, timeout: float | None) -> Outcome:
         self.event.wait(timeout)
@@ -56,6 +56,31 @@ class Flight:
                 pass
             return self.outcome
         return await loop.run_in_executor(None, self.wait, timeout)
+
+
+def _wake(future: asyncio.Future[Any]) -> None:
+    """Resolve a flight's future from any thread: directly on its loop's thread (the leader's,
+    usually), else through the loop (a stream settled by the garbage collector elsewhere).
+    A closed loop has nobody left waiting."""
+    import asyncio
+
+    loop = future.get_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    try:
+        if running is loop:
+            future.set_result(None)
+        else:
+            loop.call_soon_threadsafe(_resolve, future)
+    except RuntimeError:  # the loop is closed
+        pass
+
+
+def _resolve(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop:

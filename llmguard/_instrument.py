@@ -24,26 +24,33 @@ C = TypeVar("C")
 _TARGETS = (
     (("chat", "completions"), "create"),
     (("chat", "completions"), "parse"),
+    (("chat", "completions"), "stream"),
+    (("beta", "chat", "completions"), "create"),
+    (("beta", "chat", "completions"), "parse"),
+    (("beta", "chat", "completions"), "stream"),
     (("responses",), "create"),
     (("responses",), "parse"),
     (("messages",), "create"),
     (("messages",), "stream"),
     (("beta", "messages"), "create"),
+    (("beta", "messages"), "stream"),
 )
 _MARK = "__llmguard_instrumented__"
 
 
 def _report(response: Any) -> Any:
-    """Add ``response``'s usage to the call in progress; a stream is returned wrapped, to
-    report its usage when it has been consumed."""
+    """Add ``response``'s usage to the call in progress; a stream (or a stream helper's
+    manager) is returned metered, to report its usage when it ends, once: the decorated
+    function may return it too, and it is still one provider call."""
     call = _current.get()
     if call is None:
         return response
     if is_stream(response):
 
         def on_end(tally: StreamTally, error: BaseException | None) -> None:
-            if tally.usage is not None:
-                call.add_usage(tally.usage)
+            usage = tally.usage
+            if usage is not None and tally.claim(call):
+                call.add_usage(usage)
 
         return wrap_stream(response, on_end)
     usage = usage_from_response(response)
@@ -83,8 +90,10 @@ def _resource(client: Any, path: tuple[str, ...]) -> Any:
 def instrument(client: C) -> C:
     """Report the real usage of ``client``'s calls to the decorated call they happen in.
 
-    Works on ``openai.OpenAI`` / ``AsyncOpenAI`` (chat completions and the Responses API,
-    ``create`` and ``parse``) and ``anthropic.Anthropic`` / ``AsyncAnthropic`` (messages).
+    Works on ``openai.OpenAI`` / ``AsyncOpenAI`` (chat completions: ``create``, ``parse``,
+    ``stream``, also under ``beta``; the Responses API: ``create``, ``parse``) and
+    ``anthropic.Anthropic`` / ``AsyncAnthropic`` (messages: ``create``, ``stream``, also
+    under ``beta``). Streams are reported when they end, each once.
     Patches this client instance only (clients derived later with ``with_options()`` are
     not patched); calling it twice is harmless. Returns the client::
 

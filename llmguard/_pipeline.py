@@ -351,13 +351,21 @@ class CallRecord:
         counter = counter_for(model)
         return sum(counter.count(text) for text in texts)
 
-    def stream_cost(self, tally: StreamTally) -> tuple[str | None, Decimal | None]:
+    def stream_cost(
+        self, tally: StreamTally, error: BaseException | None = None
+    ) -> tuple[str | None, Decimal | None]:
         """(model, cost) of a consumed stream: its reported usage, else an estimate of its
-        text against this call's prompt; cost None if the model has no price."""
+        text against this call's prompt; nothing if this call was served (a cache replay),
+        its request never sent, or it failed before any chunk; cost None if the model has no
+        price."""
+        if self.metering is not None:
+            return self.metering.model, self.metering.cost
         usage = tally.usage
         model = (
             (usage.model if usage is not None else None) or tally.model or self.requested_model()
         )
+        if not tally.sent or (usage is None and error is not None and not tally.chunks):
+            return model, _ZERO
         price = get_price(model) if model else None
         if price is None:
             return model, None
@@ -369,6 +377,23 @@ class CallRecord:
                 usage.cache_write_tokens,
             )
         return model, price.cost(self.prompt_tokens(model), counter_for(model).count(tally.text))
+
+    def streamed_cost(
+        self, tally: StreamTally, error: BaseException | None, since: int
+    ) -> Decimal | None:
+        """What this call spent from its ``since``-th usage report on, the stream it returned
+        included once (its usage may already be among the reports: see StreamTally.claim);
+        as the event counts it, a stream without usage is estimated only if nothing reported
+        real usage (a generator reading an instrumented stream, say)."""
+        reported = len(self.usages) > since
+        if tally.owner is self or (reported and tally.usage is None):
+            cost: Decimal | None = _ZERO  # among the reports (as the event counts it)
+        else:
+            cost = self.stream_cost(tally, error)[1]
+        if reported:
+            part = self.usage_totals(since)[1]
+            cost = None if cost is None or part is None else cost + part
+        return cost
 
     def output_budget(self, default: int) -> int:
         """The output tokens this call asks for at most: its ``max_tokens``,
@@ -647,12 +672,33 @@ def _settle(call: CallRecord, result: Any, error: BaseException | None) -> Meter
 
 
 def _finish_stream(call: CallRecord, tally: StreamTally, error: BaseException | None) -> None:
-    """A returned stream ended (or was closed, or failed): meter what was consumed."""
-    usage = tally.usage
+    """A returned stream ended (or was closed, failed, or was dropped unfinished): meter what
+    was consumed, its usage counted once (not again if an instrumented client or a nested
+    decorated call already counted it)."""
+    if call.metering is None and not tally.sent:  # a stream helper never entered
+        call.metering = Metering(call.requested_model(), 0, 0, _ZERO, "none")
+    usage = tally.usage if call.metering is None else None
     if usage is not None:
-        call.add_usage(usage)
+        if tally.claim(call):
+            call.add_usage(usage)
+    elif call.metering is None and error is not None and tally.chunks and tally.claim(call):
+        call.metering = call.meter(tally.text)  # failed after output arrived: estimate it
     call.fields["stream_chunks"] = tally.chunks
+    if tally.abandoned:
+        call.fields["stream_abandoned"] = True
     _finish(call, tally.text, error)
+
+
+def _metered_stream(call: CallRecord, result: Any) -> Any:
+    """A returned stream, metered when the caller has consumed it. A generator's own code
+    runs as the caller reads it: it runs as part of this call (its instrumented provider
+    calls and nested decorated calls report here)."""
+    return wrap_stream(
+        result,
+        functools.partial(_finish_stream, call),
+        count_only=call.metering is not None,  # served: its cost is known
+        context=(_current, call),
+    )
 
 
 def _event_fields(call: CallRecord, result: Any, error: BaseException | None) -> dict[str, Any]:
@@ -709,11 +755,7 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
                 raise
             _current.reset(token)
             if is_stream(result):  # metered when the caller has consumed it
-                return wrap_stream(
-                    result,
-                    functools.partial(_finish_stream, call),
-                    count_only=call.metering is not None,  # served: its cost is known
-                )
+                return _metered_stream(call, result)
             _finish(call, result, None)
             return result
 
@@ -730,11 +772,7 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
             raise
         _current.reset(token)
         if is_stream(result):  # metered when the caller has consumed it
-            return wrap_stream(
-                result,
-                functools.partial(_finish_stream, call),
-                count_only=call.metering is not None,  # served: its cost is known
-            )
+            return _metered_stream(call, result)
         _finish(call, result, None)
         return result
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from ._stream import HELPER_STREAMS
+
 FORMAT = 2
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -34,6 +36,7 @@ class Entry:
     created: float
     expires: float | None  # logical expiry; a stale entry may live on past it
     stream: bool = False  # value is the list of a stream's chunks, to replay
+    helper: tuple[str, dict[str, Any]] | None = None  # a stream helper: its class and options
 
 
 def _tag(value: Any) -> Any:
@@ -70,7 +73,10 @@ def _untag(data: Any) -> Any:
 
 
 def _is_pydantic(value: Any) -> bool:
-    kind = type(value)
+    return _is_pydantic_class(type(value))
+
+
+def _is_pydantic_class(kind: type) -> bool:
     return any(
         base.__name__ == "BaseModel" and base.__module__.startswith("pydantic")
         for base in kind.__mro__
@@ -87,10 +93,12 @@ def encode(
     expires: float | None,
     function: str,
     stream: bool = False,
+    helper: tuple[str, dict[str, Any]] | None = None,
 ) -> bytes:
     """The entry's bytes: one JSON header line, then the payload (UTF-8 text for a str,
     JSON for plain data and pydantic models, pickle bytes only when opted in). TypeError
-    for a value the chosen serializer cannot store."""
+    for a value the chosen serializer cannot store. ``helper``: the stream was a stream
+    helper's, (its class, :func:`helper_options` data)."""
     header: dict[str, Any] = {
         "format": FORMAT,
         "function": function,
@@ -102,6 +110,8 @@ def encode(
     payload: bytes
     if stream:
         header["kind"] = "stream"
+        if helper is not None:
+            header["helper"], header["helper_options"] = helper
         classes: dict[str, int] = {}
         lines = [_chunk(chunk, function, classes) for chunk in value]
         payload = b"\n".join([_json(list(classes)), *lines])
@@ -145,6 +155,7 @@ def decode(raw: bytes, *, function: str, allow_pickle: bool) -> Entry:
                 f"entry belongs to {header.get('function')!r}, format {header.get('format')!r}"
             )
         kind = header["kind"]
+        helper = None
         if kind == "str":
             value: Any = payload.decode("utf-8", "surrogatepass")
         elif kind == "json":
@@ -156,6 +167,8 @@ def decode(raw: bytes, *, function: str, allow_pickle: bool) -> Entry:
             # refuse a foreign class now, not mid-stream; chunks are rebuilt as replayed
             stream_classes = [_model_class(path) for path in json.loads(paths_line)]
             value = [(stream_classes, line) for line in lines]
+            if header.get("helper") is not None:
+                helper = _helper(header["helper"], header["helper_options"])
         elif kind == "pickle":
             if not allow_pickle:
                 raise EntryError(
@@ -174,6 +187,7 @@ def decode(raw: bytes, *, function: str, allow_pickle: bool) -> Entry:
             header["created"],
             header["expires"],
             kind == "stream",
+            helper,
         )
     except EntryError:
         raise
@@ -248,3 +262,37 @@ def _model_class(path: str) -> Any:
 
 def _rebuild(path: str, data: Any) -> Any:
     return _model_class(path).model_validate(data)
+
+
+def helper_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A stream helper's parse options as stored: plain data as JSON, pydantic model classes
+    by name (importable ones: not defined inside a function); TypeError (naming the option)
+    for anything else."""
+    data: dict[str, Any] = {}
+    for name, value in options.items():
+        try:
+            if isinstance(value, type) and _is_pydantic_class(value):
+                path = f"{value.__module__}:{value.__qualname__}"
+                if _model_class(path) is not value:
+                    raise TypeError(path)
+                data[name] = {"$class": path}
+            else:
+                data[name] = _tag(value)
+        except Exception:
+            raise TypeError(name) from None
+    return data
+
+
+def _helper(path: str, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A stored stream helper: only the SDK helper classes llmguard knows are rebuilt."""
+    if path not in HELPER_STREAMS:
+        raise EntryError(f"{path} is not a known stream helper: refusing to rebuild it")
+    module, _, name = path.partition(":")
+    getattr(importlib.import_module(module), name)  # the SDK is there: fail now, not mid-call
+    options: dict[str, Any] = {}
+    for key, value in data.items():
+        if type(value) is dict and set(value) == {"$class"}:
+            options[key] = _model_class(value["$class"])
+        else:
+            options[key] = _untag(value)
+    return path, options

@@ -266,3 +266,34 @@ def test_log_content_reads_sdk_responses(fake_llm: FakeLLMServer, events: Captur
         "Fake reply about: five six",
     ]
     assert events.calls[1]["prompt"] == "three four"
+
+
+def test_beta_chat_completions_are_instrumented_too(
+    flavour: str, fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
+    """``client.beta.chat`` is another resource object than ``client.chat``: patched too."""
+    if flavour == "sync":
+        client = llmguard.instrument(fake_llm.openai_client())
+
+        @llmguard.track
+        def ask(question: str) -> str:
+            reply = client.beta.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            return str(reply.choices[0].message.content)
+
+        text = ask("q")
+    else:
+        aclient = llmguard.instrument(fake_llm.openai_client(async_client=True))
+
+        @llmguard.track
+        async def aask(question: str) -> str:
+            reply = await aclient.beta.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            return str(reply.choices[0].message.content)
+
+        text = asyncio.run(aask("q"))
+    [event] = events.calls
+    assert event["cost_source"] == "usage"
+    prompt = llmguard.count_message_tokens(MESSAGES, "gpt-4o")
+    assert (event["input_tokens"], event["output_tokens"]) == (
+        prompt,
+        llmguard.count_tokens(text, "gpt-4o"),
+    )
