@@ -152,13 +152,6 @@ def test_two_streams_in_one_call_are_summed(mock: Mock, events: CapturedEvents) 
     assert_metered_once(events, GPT, calls=2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: a stream created by an instrument()ed client and returned from a "
-    "decorated function is metered twice (the instrument's stream wrapper and the returned-"
-    "stream wrapper both add the final usage): 246/90 tokens for one 123/45 answer",
-)
 def test_returned_stream_of_an_instrumented_client(
     flavour: str, mock: Mock, events: CapturedEvents
 ) -> None:
@@ -262,12 +255,6 @@ def test_anthropic_stream_helper(flavour: str, mock: Mock, events: CapturedEvent
     assert_metered_once(events, CLAUDE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: an Anthropic raw event stream created by an instrument()ed client "
-    "and returned from a decorated function is metered twice: 246/90 tokens for 123/45",
-)
 def test_returned_anthropic_stream_of_an_instrumented_client(
     mock: Mock, events: CapturedEvents
 ) -> None:
@@ -281,13 +268,6 @@ def test_returned_anthropic_stream_of_an_instrumented_client(
     assert_metered_once(events, CLAUDE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: messages.stream() of an instrument()ed client, returned from a "
-    "decorated function and read by the caller, is logged with no usage (0/0 tokens, cost "
-    "unknown); with a plain client it is metered",
-)
 def test_returned_anthropic_stream_manager_of_an_instrumented_client(
     mock: Mock, events: CapturedEvents
 ) -> None:
