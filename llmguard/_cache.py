@@ -13,7 +13,6 @@ import datetime
 import functools
 import hashlib
 import os
-import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Generator, Iterator
@@ -22,8 +21,9 @@ from contextvars import ContextVar
 from decimal import Decimal
 from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
+from . import _validate as validate
 from ._config import UNSET, _Unset
-from ._errors import ConfigurationError, LLMGuardError, StorageError
+from ._errors import LLMGuardError, StorageError
 from ._events import warn_once
 from ._flight import Flight, _running_loop
 from ._keys import Binder, canonical, code_digest
@@ -42,7 +42,7 @@ from ._pipeline import (
     original,
 )
 from ._serialize import Entry, EntryError, decode, encode, unchunk
-from ._storage import Storage, open_storage, validate_uri
+from ._storage import Storage, open_storage
 from ._stream import StreamTally, is_stream, is_stream_manager, replay
 from ._stream import wrap as wrap_stream
 
@@ -51,8 +51,6 @@ R = TypeVar("R")
 
 _bypass: ContextVar[bool] = ContextVar("llmguard_bypass_cache", default=False)
 _STREAM_STORED = object()  # a flight's value: the leader's stream is in the storage now
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 
 
 @contextmanager
@@ -72,28 +70,7 @@ def bypass_cache() -> Iterator[None]:
 def parse_duration(value: Any, what: str) -> float | None:
     """Seconds from a number, a timedelta or ``"90s"``/``"30m"``/``"12h"``/``"7d"``/``"2w"``;
     None stays None. ConfigurationError for anything else or a value <= 0."""
-    if value is None:
-        return None
-    seconds: float
-    if isinstance(value, bool):
-        raise ConfigurationError(f"{what} must be seconds, a timedelta or a string like '7d'")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, datetime.timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
-            raise ConfigurationError(
-                f"{what}={value!r}: use a number of seconds or a number with a unit "
-                "s, m, h, d or w (e.g. '90s', '30m', '12h', '7d')"
-            )
-        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    else:
-        raise ConfigurationError(f"{what} must be seconds, a timedelta or a string like '7d'")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ConfigurationError(f"{what} must be > 0 (None for no expiry), got {value!r}")
-    return seconds
+    return validate.seconds(value, what, decorator="", allow_none=True, durations=True)
 
 
 class CacheInfo(NamedTuple):
@@ -591,20 +568,52 @@ def cached(
     """
     options = {"model": model, "prompt": prompt, "log_content": log_content}
     check_options("cached", options)
-    ttl_s = parse_duration(ttl, "ttl")
-    stale_s = parse_duration(stale_ttl, "stale_ttl")
-    lock_s = parse_duration(lock_timeout, "lock_timeout")
-    if serializer not in ("json", "pickle"):
-        raise ConfigurationError(f"serializer must be 'json' or 'pickle', got {serializer!r}")
-    for name, value in (("key", key), ("cache_if", cache_if), ("clock", clock)):
-        if value is not None and not callable(value):
-            raise ConfigurationError(f"@cached({name}=...) must be callable")
+    where = "@cached"
+    ttl_s = validate.seconds(
+        ttl, "ttl", decorator=where, allow_none=True, durations=True, none_means="no expiry"
+    )
+    stale_s = validate.seconds(
+        stale_ttl,
+        "stale_ttl",
+        decorator=where,
+        allow_none=True,
+        durations=True,
+        none_means="stale entries kept until evicted",
+    )
+    lock_s = validate.seconds(
+        lock_timeout,
+        "lock_timeout",
+        decorator=where,
+        minimum=0.1,
+        inclusive=True,
+        durations=True,
+        none_means="how long a dead holder of the lock can keep others waiting",
+    )
+    serializer = validate.choice(
+        serializer, "serializer", decorator=where, choices=("json", "pickle")
+    )
+    validate.function(key, "key", decorator=where, takes="given the call's arguments by name")
+    validate.function(cache_if, "cache_if", decorator=where, takes="given the result")
+    validate.function(clock, "clock", decorator=where, allow_none=False)
+    validate.function(sleep, "sleep", decorator=where)
+    validate.function(async_sleep, "async_sleep", decorator=where)
+    validate.flag(stale_if_error, "stale_if_error", decorator=where)
+    named: Any = version
+    if named is not None and (
+        isinstance(named, bool) or not isinstance(named, (str, int)) or named == ""
+    ):
+        raise validate.refuse(
+            where,
+            "version",
+            version,
+            "version must be a non-empty string (or an int) naming the prompt version, e.g. "
+            "'prompt-v2' (None: no version)",
+        )
     if isinstance(ignore, str):
         ignore = (ignore,)
-    if storage is not None:
-        validate_uri(storage)
-    if not isinstance(namespace, str) or not namespace:
-        raise ConfigurationError("@cached(namespace=...) must be a non-empty string")
+    ignore = validate.strings(ignore, "ignore", decorator=where, meaning="parameter names")
+    validate.storage(storage, decorator=where)
+    validate.text(namespace, "namespace", decorator=where, meaning="e.g. 'default'")
 
     def decorate(func: Any) -> Any:
         if isinstance(func, (classmethod, staticmethod)):
@@ -620,12 +629,12 @@ def cached(
             key=key,
             version=None if version is None else str(version),
             cache_if=cache_if,
-            stale_if_error=bool(stale_if_error),
+            stale_if_error=stale_if_error,
             stale_ttl=stale_s,
             storage=storage,
             namespace=namespace,
             serializer=serializer,
-            lock_timeout=lock_s or 60.0,
+            lock_timeout=lock_s,
             clock=clock,
             sleep=sleep,
             async_sleep=async_sleep,
