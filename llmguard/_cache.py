@@ -2,9 +2,12 @@
 
 A hit returns the stored result, logs ``cache="hit"`` with ``cost_usd=0`` and the original
 call's cost as ``saved_usd``, and skips every layer below (put ``@cached`` outermost).
-Concurrent identical misses make one upstream call: threads and asyncio tasks of a process
-wait on an in-process flight; other processes (and, with Redis, other machines) wait on a lock
-entry in the storage, which expires so a crashed holder cannot block them forever.
+Concurrent identical misses make one upstream call, however long it takes: threads and
+asyncio tasks of a process wait on an in-process flight while its leader lives; other
+processes (and, with Redis, other machines) wait on a lock entry in the storage, a lease the
+leader renews while it works (see ``_lease``), which expires so a dead holder cannot block
+them for ever. A call made inside its own miss (the function calling itself with the same
+arguments) runs uncached instead of waiting for itself.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Generator, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -27,6 +31,7 @@ from ._errors import LLMGuardError, StorageError
 from ._events import warn_once
 from ._flight import Flight, _running_loop
 from ._keys import Binder, canonical, code_digest
+from ._lease import Lease
 from ._pipeline import (
     PROCEED,
     Blocking,
@@ -147,6 +152,7 @@ class _CacheLayer:
         self.sleep = sleep
         self.async_sleep = async_sleep
         self._flights: dict[str, Flight] = {}
+        self._leading: dict[int, str] = {}  # id of a call leading a miss -> its key
         self._lock = threading.Lock()
         self._hits = self._misses = self._stale_hits = 0
         self._saved = Decimal(0)
@@ -314,23 +320,31 @@ class _CacheLayer:
     def _miss(
         self, call: CallRecord, storage: Storage | None, key: str, stale: Entry | None
     ) -> Generator[Any, Any, Any]:
+        if self._leading and self._reentered(call, key):
+            # Called again, with the same arguments, from inside its own upstream call: it
+            # would wait for itself. It runs uncached (the outer call stores the answer).
+            call.fields["cache"] = "reentrant"
+            return (yield PROCEED)
         loop = _running_loop() if call.spec.is_async else None
         while True:
             with self._lock:
                 flight = self._flights.get(key)
-                if flight is not None and flight.event.is_set():
-                    flight = None  # finished without a value for us: lead the next one
+                if flight is not None and not flight.alive():
+                    # finished without a value for us, or its stream was dropped unfinished:
+                    # lead the next one
+                    flight = None
                 leader = flight is None or flight.loop is not loop
                 if flight is None:
-                    flight = self._flights[key] = Flight(loop)
+                    flight = self._flights[key] = Flight(loop, call)
                 elif leader:  # another event loop's flight: coordinate through the storage
-                    flight = Flight(loop)
+                    flight = Flight(loop, call)
             if leader:
                 break
             waiting = flight
+            # However long the leader takes: it is alive (in this process) until it lands.
             ok, value, cost, model = yield Call(
-                functools.partial(waiting.wait, self.lock_timeout),
-                functools.partial(waiting.wait_async, self.lock_timeout),
+                functools.partial(waiting.wait_while_alive, self.lock_timeout),
+                functools.partial(waiting.wait_while_alive_async, self.lock_timeout),
             )
             if ok is True and value is _STREAM_STORED and storage is not None:
                 entry = yield from self._io(storage, self._read, storage, key)
@@ -347,17 +361,26 @@ class _CacheLayer:
                 if stale is not None:  # the upstream call failed: it would fail for us too
                     return self._stale(call, stale, value)
                 raise value
-            if not waiting.event.is_set():  # the leader outlasted lock_timeout: go it alone
-                flight = Flight(loop)
-                break
             # The leader was refused by a policy (its budget, its rate limit: another
-            # tenant's refusal, never ours to raise) or gave no outcome. Try again, leading
-            # the next flight unless another follower already does.
+            # tenant's refusal, never ours to raise), gave no outcome, or its stream was
+            # dropped unfinished. Try again, leading the next flight unless another
+            # follower already does.
+        self._leading[id(call)] = key
         try:
             return (yield from self._lead(call, storage, key, stale, flight))
         finally:
+            self._leading.pop(id(call), None)
             if not flight.deferred:
                 self._land(key, flight)
+
+    def _reentered(self, call: CallRecord, key: str) -> bool:
+        """Whether ``call`` runs inside a call (its caller's, theirs...) leading ``key``."""
+        outer = call.parent
+        while outer is not None:
+            if self._leading.get(id(outer)) == key:
+                return True
+            outer = outer.parent
+        return False
 
     def _land(self, key: str, flight: Flight) -> None:
         """The flight is over: unblock its waiters (if the leader never published) and forget it."""
@@ -376,9 +399,9 @@ class _CacheLayer:
     ) -> Generator[Any, Any, Any]:
         lock_key, token = key + ":lock", os.urandom(16)
         locked: Storage | None = None  # the storage whose lock this call holds
+        lease: Lease | None = None
         if storage is not None:
             store = storage
-            deadline = time.monotonic() + self.lock_timeout
             delay = 0.005
             while True:
                 try:
@@ -401,10 +424,14 @@ class _CacheLayer:
                     return self._served(
                         call, self._value(entry, call), entry.model, entry.cost, "hit"
                     )
-                if locked is not None or time.monotonic() >= deadline:
+                if locked is not None:
                     break
+                # Another process holds the lock: wait as long as it is alive (it renews
+                # its lease); a dead holder's lock expires within lock_timeout.
                 yield Sleep(delay, sleep=self.sleep, async_sleep=self.async_sleep)
                 delay = min(delay * 1.5, 0.1)
+            if locked is not None:
+                lease = Lease(locked, lock_key, token, self.lock_timeout).keep()
         try:
             try:
                 result = yield PROCEED
@@ -420,9 +447,7 @@ class _CacheLayer:
                 return result
             if is_stream(result) and storage is not None:
                 flight.deferred = True  # lock and flight stay open until the stream ends
-                return self._store_when_done(
-                    call, storage, key, result, flight, locked, lock_key, token
-                )
+                return self._store_when_done(call, storage, key, result, flight, lease)
             if is_stream(result):
                 return result
             if storage is not None and (self.cache_if is None or self.cache_if(result)):
@@ -435,8 +460,9 @@ class _CacheLayer:
             flight.finish(True, result, metering.cost, metering.model)
             return result
         finally:
-            if locked is not None and not flight.deferred:
-                yield from self._release(locked, lock_key, token)
+            if lease is not None and not flight.deferred:
+                lease.end()
+                yield from self._release(lease.storage, lease.key, lease.token)
 
     def _store_when_done(
         self,
@@ -445,11 +471,11 @@ class _CacheLayer:
         key: str,
         stream: Any,
         flight: Flight,
-        locked: Storage | None,
-        lock_key: str,
-        token: bytes,
+        lease: Lease | None,
     ) -> Any:
-        """The leader's stream, passed through; stored only if it runs to its end."""
+        """The leader's stream, passed through; stored only if it runs to its end. The lock
+        (and the flight) stay held while the stream is alive: dropped unfinished, its lease
+        is no longer renewed and the flight is dead, so others go on without it."""
 
         def at_end(tally: StreamTally, error: BaseException | None) -> None:
             stored = False
@@ -463,16 +489,22 @@ class _CacheLayer:
                     self._write(storage, key, chunks, call, stream=call.stream_cost(tally))
                     stored = True
             finally:
-                if locked is not None:
+                if lease is not None:
+                    lease.end()
                     try:
-                        locked.release(lock_key, token)
+                        lease.storage.release(lease.key, lease.token)
                     except StorageError as exc:
                         self._warn("cache_unavailable", exc)
                 if stored:
                     flight.finish(True, _STREAM_STORED)
                 self._land(key, flight)
 
-        return wrap_stream(stream, at_end, keep=True)
+        wrapped = wrap_stream(stream, at_end, keep=True)
+        alive = weakref.ref(wrapped)
+        flight.owner = alive
+        if lease is not None:
+            lease.owner = alive
+        return wrapped
 
     def _release(self, storage: Storage, lock_key: str, token: bytes) -> Generator[Any, Any, None]:
         try:
@@ -557,9 +589,10 @@ def cached(
     ``stale_if_error``: keep entries ``stale_ttl`` past expiry and serve them when the call
     raises. ``serializer="pickle"`` stores any picklable value, at the risk that whoever can
     write the storage can run code in your process; the default stores JSON data and
-    pydantic models only. ``lock_timeout`` bounds how long concurrent misses wait for the
-    one upstream call (and how long a crashed holder blocks them). ``clock``, ``sleep`` and
-    ``async_sleep`` are injectable for tests::
+    pydantic models only. Concurrent misses wait for the one upstream call however long it
+    takes: its lock is renewed every ``lock_timeout / 3`` while it runs, and a dead holder's
+    lock expires within ``lock_timeout``. ``clock``, ``sleep`` and ``async_sleep`` are
+    injectable for tests::
 
         @llmguard.cached(ttl="7d", ignore=("client",), version="prompt-v2")
         def summarize(text: str, client=None, *, model: str = "gpt-4o") -> str: ...
