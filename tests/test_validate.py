@@ -438,7 +438,7 @@ def test_a_refused_configure_changes_nothing() -> None:
     assert llmguard.open_storage().uri == "memory://"
 
 
-def test_a_zero_rate_never_blocks_then_says_it_would_allow() -> None:
+def test_a_zero_rate_is_refused_instead_of_waited_on() -> None:
     # Before: accepted, waited max_wait, then "it would allow this call in 1.050s".
     with pytest.raises(ConfigurationError, match="0 calls per window"):
         llmguard.rate_limited("0/second", storage="memory://", sleep=lambda s: None)
