@@ -333,9 +333,29 @@ def storage(value: Any, option: str = "storage", *, decorator: str) -> str | Non
             "'file:///var/lib/llmguard' or 'redis://host:6379/0' (None: the configured one)",
         )
     try:
-        return validate_uri(value)
+        validate_uri(value)
     except ConfigurationError as exc:
         raise refuse(decorator, option, value, str(exc)) from None
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme in ("redis", "rediss", "unix"):
+        from redis.connection import parse_url  # present: validate_uri checked it
+
+        try:
+            parse_url(value)
+        except ValueError as exc:
+            raise refuse(decorator, option, value, f"not a Redis URL: {exc}") from None
+    elif scheme == "file" and "?" in value:
+        from urllib.parse import parse_qs, urlsplit
+
+        for limit in parse_qs(urlsplit(value).query).get("size_limit", []):
+            if not limit.isdigit() or not 1 <= int(limit) <= 2**50:
+                raise refuse(
+                    decorator,
+                    option,
+                    value,
+                    f"size_limit={limit!r} must be a number of bytes from 1 to {2**50:,}",
+                )
+    return value
 
 
 def strings(

@@ -114,7 +114,22 @@ def _text(none_ok: bool, *more: Any) -> Any:
 
 
 _FRACTION = _strategy(0, 0.0, -0.5, 1.5, 2, NAN, INF, -INF, True, False, "0.5", "", *_WRONG_TYPES)
-_STORAGE = _strategy("", "   ", "ftp://x", "nosuch://y", 5, True, b"local", [], object())
+_STORAGE = _strategy(
+    "",
+    "   ",
+    "ftp://x",
+    "nosuch://y",
+    "redis://localhost:notaport/0",
+    "redis://localhost:6379/0?socket_timeout=soon",
+    "file:///tmp/llmguard-x?size_limit=0",
+    "file:///tmp/llmguard-x?size_limit=-5",
+    "file:///tmp/llmguard-x?size_limit=lots",
+    5,
+    True,
+    b"local",
+    [],
+    object(),
+)
 _RATE = _strategy(
     "",
     "   ",
