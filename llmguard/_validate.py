@@ -341,7 +341,7 @@ def storage(value: Any, option: str = "storage", *, decorator: str) -> str | Non
         from redis.connection import parse_url  # present: validate_uri checked it
 
         try:
-            parse_url(value)
+            parse_url(value)  # type: ignore[no-untyped-call]
         except ValueError as exc:
             raise refuse(decorator, option, value, f"not a Redis URL: {exc}") from None
     elif scheme == "file" and "?" in value:
