@@ -371,3 +371,34 @@ def test_other_callers_still_wait_for_a_leader_calling_itself(backend: str) -> N
     assert research("ai") == "outer+inner"  # a follower: not a re-entry
     leader.join()
     assert runs == ["ai", "ai"]
+
+
+# -- backends without renew ---------------------------------------------------------------------
+
+
+def test_a_backend_without_renew_still_caches_with_one_warning(events: CapturedEvents) -> None:
+    from llmguard import _storage
+    from llmguard._storage import MemoryStorage
+
+    class Plain(MemoryStorage):
+        """A backend written before Storage.renew existed."""
+
+        def renew(self, key: str, token: bytes, ttl: float) -> bool:
+            return llmguard.Storage.renew(self, key, token, ttl)
+
+    llmguard.register_storage("plain", Plain)
+    try:
+        runs: list[int] = []
+
+        @llmguard.cached(storage="plain://x", lock_timeout=LEASE)
+        def think(text: str) -> str:
+            runs.append(1)
+            time.sleep(3 * LEASE)
+            return text.upper()
+
+        assert think("a") == "A"
+        assert think("a") == "A"
+        assert runs == [1]
+        assert len(events.of("lock_not_renewable")) == 1
+    finally:
+        _storage._registry.pop("plain")
