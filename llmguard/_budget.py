@@ -26,6 +26,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Any, ParamSpec, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from . import _validate as validate
 from ._config import UNSET, _Unset
 from ._errors import (
     BudgetExceeded,
@@ -747,16 +748,6 @@ def _run_inline(steps: Generator[Any, Any, Any]) -> Any:
         sent = instruction.fn() if isinstance(instruction, Blocking) else None
 
 
-def _decimal_usd(value: Any, what: str) -> Decimal:
-    try:
-        number = value if isinstance(value, Decimal) else Decimal(str(value))
-    except Exception:
-        raise ConfigurationError(f"{what} must be a number of USD, got {value!r}") from None
-    if not number.is_finite() or number < 0 or isinstance(value, bool):
-        raise ConfigurationError(f"{what} must be a finite number of USD >= 0, got {value!r}")
-    return number
-
-
 def budget(
     *,
     usd: float | str | Decimal,
@@ -807,45 +798,80 @@ def budget(
     waits exact in tests. The decorated function gains ``budget_status(key=None)`` (a keyed
     budget needs ``key=``; ``llmguard.budget_keys(name)`` lists its keys).
     """
-    limit = _decimal_usd(usd, "usd")
-    if isinstance(per, timedelta):
-        if per.total_seconds() <= 0:
-            raise ConfigurationError("per must be a positive timedelta")
-    elif per not in _PERIODS:
-        raise ConfigurationError(
-            f"per must be one of {', '.join(_PERIODS)} or a timedelta, got {per!r}"
-        )
-    if not (on_exceed in _ON_EXCEED or callable(on_exceed)):
-        raise ConfigurationError("on_exceed must be 'raise', 'wait', 'warn' or a callable")
-    if not isinstance(max_wait, (int, float)) or isinstance(max_wait, bool) or max_wait < 0:
-        raise ConfigurationError(f"max_wait must be seconds >= 0, got {max_wait!r}")
-    if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in alert_at):
-        raise ConfigurationError("alert_at thresholds must be fractions in (0, 1]")
-    if unknown_price not in ("refuse", "allow"):
-        raise ConfigurationError("unknown_price must be 'refuse' or 'allow'")
+    where = "@budget"
+    limit = validate.usd(usd, "usd", decorator=where)
     if (
-        isinstance(reservation_ttl, bool)
-        or not isinstance(reservation_ttl, (int, float))
-        or not 0 < reservation_ttl < float("inf")
-    ):
-        raise ConfigurationError(
-            f"reservation_ttl must be a finite number of seconds > 0, got {reservation_ttl!r}"
+        not isinstance(per, timedelta) or not 1 <= per.total_seconds() <= validate.MAX_SECONDS
+    ) and not (isinstance(per, str) and per in _PERIODS):
+        raise validate.refuse(
+            where,
+            "per",
+            per,
+            f"per must be one of {', '.join(_PERIODS)} or a timedelta from 1 second to 100 years",
         )
-    if (
-        isinstance(default_output_tokens, bool)
-        or not isinstance(default_output_tokens, int)
-        or default_output_tokens < 0
+    validate.text(name, "name", decorator=where, allow_none=True, meaning="the budget's name")
+    validate.function(key, "key", decorator=where, takes="given the call's arguments by name")
+    if not (isinstance(on_exceed, str) and on_exceed in _ON_EXCEED) and (
+        isinstance(on_exceed, str) or not callable(on_exceed)
     ):
-        raise ConfigurationError(
-            "default_output_tokens must be an int >= 0 (the output budget assumed when a call "
-            f"gives no max_tokens), got {default_output_tokens!r}"
+        raise validate.refuse(
+            where,
+            "on_exceed",
+            on_exceed,
+            "on_exceed must be 'raise', 'wait', 'warn' or a callable given the BudgetStatus, "
+            "whose return value replaces the call",
         )
+    validate.seconds(
+        max_wait,
+        "max_wait",
+        decorator=where,
+        minimum=0,
+        inclusive=True,
+        none_means="how long on_exceed='wait' waits for calls in flight to settle",
+    )
+    validate.function(sleep, "sleep", decorator=where)
+    validate.function(async_sleep, "async_sleep", decorator=where)
+    fractions: Any = alert_at
+    if not isinstance(fractions, (tuple, list)):
+        raise validate.refuse(
+            where,
+            "alert_at",
+            alert_at,
+            "alert_at must be a tuple of fractions of the limit in (0, 1], e.g. (0.5, 0.8, 1.0)",
+        )
+    thresholds = tuple(
+        validate.fraction(t, "alert_at", decorator=where, meaning="each a fraction of the limit")
+        for t in fractions
+    )
+    validate.function(on_alert, "on_alert", decorator=where, takes="given the BudgetStatus")
+    max_call = validate.usd(max_call_usd, "max_call_usd", decorator=where, allow_none=True)
+    validate.storage(storage, decorator=where)
+    zone_error = "tz must be an IANA time zone name such as 'UTC' or 'Europe/Paris'"
+    if not isinstance(tz, str) or not tz:
+        raise validate.refuse(where, "tz", tz, zone_error)
     try:
         zone = ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigurationError(f"unknown time zone {tz!r}") from None
-    if storage is not None:
-        validate_uri(storage)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise validate.refuse(where, "tz", tz, zone_error) from None
+    ttl_s = validate.seconds(
+        reservation_ttl,
+        "reservation_ttl",
+        decorator=where,
+        minimum=1,
+        inclusive=True,
+        none_means="how long a reservation of a killed process holds budget",
+    )
+    validate.choice(unknown_price, "unknown_price", decorator=where, choices=("refuse", "allow"))
+    validate.integer(
+        default_output_tokens,
+        "default_output_tokens",
+        decorator=where,
+        minimum=0,
+        maximum=validate.MAX_TOKENS,
+        meaning="the output budget assumed when a call gives no max_tokens",
+    )
+    validate.flag(fail_open, "fail_open", decorator=where)
+    validate.function(clock, "clock", decorator=where, allow_none=False)
     options = {"model": model, "prompt": prompt, "log_content": log_content}
     check_options("budget", options)
     layer = _BudgetLayer(
@@ -854,12 +880,12 @@ def budget(
         period=per,
         key=key,
         on_exceed=on_exceed,
-        alert_at=tuple(sorted(alert_at)),
+        alert_at=tuple(sorted(thresholds)),
         on_alert=on_alert,
-        max_call_usd=None if max_call_usd is None else _decimal_usd(max_call_usd, "max_call_usd"),
+        max_call_usd=max_call,
         storage=storage,
         tz=zone,
-        reservation_ttl=float(reservation_ttl),
+        reservation_ttl=ttl_s,
         unknown_price=unknown_price,
         default_output_tokens=default_output_tokens,
         fail_open=fail_open,
@@ -896,7 +922,9 @@ def _register(name: str, layer: _BudgetLayer, function: str) -> None:
     one (they would share one ledger with different limits)."""
     with _registry_lock:
         earlier = _registry.get(name)
-        if earlier is None:
+        if earlier is None or _declared_by.get(name) == function:
+            # New, or the same function defined again (a re-run notebook cell, a reloaded
+            # module): the latest definition is the budget's.
             _registry[name] = layer
             _declared_by[name] = function
             return

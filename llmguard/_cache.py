@@ -2,9 +2,12 @@
 
 A hit returns the stored result, logs ``cache="hit"`` with ``cost_usd=0`` and the original
 call's cost as ``saved_usd``, and skips every layer below (put ``@cached`` outermost).
-Concurrent identical misses make one upstream call: threads and asyncio tasks of a process
-wait on an in-process flight; other processes (and, with Redis, other machines) wait on a lock
-entry in the storage, which expires so a crashed holder cannot block them forever.
+Concurrent identical misses make one upstream call, however long it takes: threads and
+asyncio tasks of a process wait on an in-process flight while its leader lives; other
+processes (and, with Redis, other machines) wait on a lock entry in the storage, a lease the
+leader renews while it works (see ``_lease``), which expires so a dead holder cannot block
+them for ever. A call made inside its own miss (the function calling itself with the same
+arguments) runs uncached instead of waiting for itself.
 """
 
 from __future__ import annotations
@@ -13,20 +16,22 @@ import datetime
 import functools
 import hashlib
 import os
-import re
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Generator, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from decimal import Decimal
 from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
+from . import _validate as validate
 from ._config import UNSET, _Unset
-from ._errors import ConfigurationError, LLMGuardError, StorageError
+from ._errors import LLMGuardError, StorageError
 from ._events import warn_once
 from ._flight import Flight, _running_loop
 from ._keys import Binder, canonical, code_digest
+from ._lease import Lease
 from ._money import format_usd
 from ._pipeline import (
     PROCEED,
@@ -43,7 +48,7 @@ from ._pipeline import (
     original,
 )
 from ._serialize import Entry, EntryError, decode, encode, helper_options, unchunk
-from ._storage import Storage, open_storage, validate_uri
+from ._storage import Storage, open_storage
 from ._stream import (
     StreamTally,
     discard,
@@ -61,8 +66,6 @@ R = TypeVar("R")
 
 _bypass: ContextVar[bool] = ContextVar("llmguard_bypass_cache", default=False)
 _STREAM_STORED = object()  # a flight's value: the leader's stream is in the storage now
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 
 
 @contextmanager
@@ -82,28 +85,7 @@ def bypass_cache() -> Iterator[None]:
 def parse_duration(value: Any, what: str) -> float | None:
     """Seconds from a number, a timedelta or ``"90s"``/``"30m"``/``"12h"``/``"7d"``/``"2w"``;
     None stays None. ConfigurationError for anything else or a value <= 0."""
-    if value is None:
-        return None
-    seconds: float
-    if isinstance(value, bool):
-        raise ConfigurationError(f"{what} must be seconds, a timedelta or a string like '7d'")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, datetime.timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
-            raise ConfigurationError(
-                f"{what}={value!r}: use a number of seconds or a number with a unit "
-                "s, m, h, d or w (e.g. '90s', '30m', '12h', '7d')"
-            )
-        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    else:
-        raise ConfigurationError(f"{what} must be seconds, a timedelta or a string like '7d'")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ConfigurationError(f"{what} must be > 0 (None for no expiry), got {value!r}")
-    return seconds
+    return validate.seconds(value, what, decorator="", allow_none=True, durations=True)
 
 
 class CacheInfo(NamedTuple):
@@ -187,6 +169,7 @@ class _CacheLayer:
         self.sleep = sleep
         self.async_sleep = async_sleep
         self._flights: dict[str, Flight] = {}
+        self._leading: dict[int, str] = {}  # id of a call leading a miss -> its key
         self._lock = threading.Lock()
         self._hits = self._misses = self._stale_hits = 0
         self._saved = Decimal(0)
@@ -330,9 +313,7 @@ class _CacheLayer:
             result = yield PROCEED
             if storage is not None and is_stream(result):  # stored if read to its end
                 helper = self._helper(result) if is_stream_manager(result) else None
-                return self._store_when_done(
-                    call, storage, key, result, Flight(None), None, "", b"", helper
-                )
+                return self._store_when_done(call, storage, key, result, Flight(None), None, helper)
             if storage is not None and (self.cache_if is None or self.cache_if(result)):
                 yield from self._io(storage, self._write, storage, key, result, call)
             return result
@@ -369,23 +350,31 @@ class _CacheLayer:
     def _miss(
         self, call: CallRecord, storage: Storage | None, key: str, stale: Entry | None
     ) -> Generator[Any, Any, Any]:
+        if self._leading and self._reentered(call, key):
+            # Called again, with the same arguments, from inside its own upstream call: it
+            # would wait for itself. It runs uncached (the outer call stores the answer).
+            call.fields["cache"] = "reentrant"
+            return (yield PROCEED)
         loop = _running_loop() if call.spec.is_async else None
         while True:
             with self._lock:
                 flight = self._flights.get(key)
-                if flight is not None and flight.event.is_set():
-                    flight = None  # finished without a value for us: lead the next one
+                if flight is not None and not flight.alive():
+                    # finished without a value for us, or its stream was dropped unfinished:
+                    # lead the next one
+                    flight = None
                 leader = flight is None or flight.loop is not loop
                 if flight is None:
-                    flight = self._flights[key] = Flight(loop)
+                    flight = self._flights[key] = Flight(loop, call)
                 elif leader:  # another event loop's flight: coordinate through the storage
-                    flight = Flight(loop)
+                    flight = Flight(loop, call)
             if leader:
                 break
             waiting = flight
+            # However long the leader takes: it is alive (in this process) until it lands.
             ok, value, cost, model = yield Call(
-                functools.partial(waiting.wait, self.lock_timeout),
-                functools.partial(waiting.wait_async, self.lock_timeout),
+                functools.partial(waiting.wait_while_alive, self.lock_timeout),
+                functools.partial(waiting.wait_while_alive_async, self.lock_timeout),
             )
             if ok is True and value is _STREAM_STORED and storage is not None:
                 entry = yield from self._io(storage, self._read, storage, key)
@@ -402,17 +391,26 @@ class _CacheLayer:
                 if stale is not None:  # the upstream call failed: it would fail for us too
                     return self._stale(call, stale, value)
                 raise value
-            if not waiting.event.is_set():  # the leader outlasted lock_timeout: go it alone
-                flight = Flight(loop)
-                break
             # The leader was refused by a policy (its budget, its rate limit: another
-            # tenant's refusal, never ours to raise) or gave no outcome. Try again, leading
-            # the next flight unless another follower already does.
+            # tenant's refusal, never ours to raise), gave no outcome, or its stream was
+            # dropped unfinished. Try again, leading the next flight unless another
+            # follower already does.
+        self._leading[id(call)] = key
         try:
             return (yield from self._lead(call, storage, key, stale, flight))
         finally:
+            self._leading.pop(id(call), None)
             if not flight.deferred:
                 self._land(key, flight)
+
+    def _reentered(self, call: CallRecord, key: str) -> bool:
+        """Whether ``call`` runs inside a call (its caller's, theirs...) leading ``key``."""
+        outer = call.parent
+        while outer is not None:
+            if self._leading.get(id(outer)) == key:
+                return True
+            outer = outer.parent
+        return False
 
     def _land(self, key: str, flight: Flight) -> None:
         """The flight is over: unblock its waiters (if the leader never published) and forget it."""
@@ -431,9 +429,9 @@ class _CacheLayer:
     ) -> Generator[Any, Any, Any]:
         lock_key, token = key + ":lock", os.urandom(16)
         locked: Storage | None = None  # the storage whose lock this call holds
+        lease: Lease | None = None
         if storage is not None:
             store = storage
-            deadline = time.monotonic() + self.lock_timeout
             delay = 0.005
             while True:
                 try:
@@ -457,10 +455,14 @@ class _CacheLayer:
                     return self._served(
                         call, self._value(entry, call), entry.model, entry.cost, "hit"
                     )
-                if locked is not None or time.monotonic() >= deadline:
+                if locked is not None:
                     break
+                # Another process holds the lock: wait as long as it is alive (it renews
+                # its lease); a dead holder's lock expires within lock_timeout.
                 yield Sleep(delay, sleep=self.sleep, async_sleep=self.async_sleep)
                 delay = min(delay * 1.5, 0.1)
+            if locked is not None:
+                lease = Lease(locked, lock_key, token, self.lock_timeout).keep()
         try:
             try:
                 result = yield PROCEED
@@ -481,9 +483,7 @@ class _CacheLayer:
                         flight.finish(False, exc)
                         raise
                 flight.deferred = True  # lock and flight stay open until the stream ends
-                return self._store_when_done(
-                    call, storage, key, result, flight, locked, lock_key, token, helper
-                )
+                return self._store_when_done(call, storage, key, result, flight, lease, helper)
             if is_stream(result):
                 return result
             if storage is not None and (self.cache_if is None or self.cache_if(result)):
@@ -496,8 +496,9 @@ class _CacheLayer:
             flight.finish(True, result, metering.cost, metering.model)
             return result
         finally:
-            if locked is not None and not flight.deferred:
-                yield from self._release(locked, lock_key, token)
+            if lease is not None and not flight.deferred:
+                lease.end()
+                yield from self._release(lease.storage, lease.key, lease.token)
 
     def _store_when_done(
         self,
@@ -506,13 +507,13 @@ class _CacheLayer:
         key: str,
         stream: Any,
         flight: Flight,
-        locked: Storage | None,
-        lock_key: str,
-        token: bytes,
+        lease: Lease | None,
         helper: tuple[str, dict[str, Any]] | None = None,
     ) -> Any:
         """The leader's stream, passed through; stored only if it was read to its end from
-        its first chunk."""
+        its first chunk. The lock (and the flight) stay held while the stream is alive:
+        dropped unfinished, its lease is no longer renewed and the flight is dead, so others
+        go on without it."""
 
         def at_end(tally: StreamTally, error: BaseException | None) -> None:
             stored = False
@@ -528,16 +529,22 @@ class _CacheLayer:
                     self._write(storage, key, chunks, call, stream=cost, helper=helper)
                     stored = True
             finally:
-                if locked is not None:
+                if lease is not None:
+                    lease.end()
                     try:
-                        locked.release(lock_key, token)
+                        lease.storage.release(lease.key, lease.token)
                     except StorageError as exc:
                         self._warn("cache_unavailable", exc)
                 if stored:
                     flight.finish(True, _STREAM_STORED)
                 self._land(key, flight)
 
-        return wrap_stream(stream, at_end, keep=True)
+        wrapped = wrap_stream(stream, at_end, keep=True)
+        alive = weakref.ref(wrapped)
+        flight.owner = alive
+        if lease is not None:
+            lease.owner = alive
+        return wrapped
 
     def _release(self, storage: Storage, lock_key: str, token: bytes) -> Generator[Any, Any, None]:
         try:
@@ -643,9 +650,10 @@ def cached(
     ``stale_if_error``: keep entries ``stale_ttl`` past expiry and serve them when the call
     raises. ``serializer="pickle"`` stores any picklable value, at the risk that whoever can
     write the storage can run code in your process; the default stores JSON data and
-    pydantic models only. ``lock_timeout`` bounds how long concurrent misses wait for the
-    one upstream call (and how long a crashed holder blocks them). ``clock``, ``sleep`` and
-    ``async_sleep`` are injectable for tests::
+    pydantic models only. Concurrent misses wait for the one upstream call however long it
+    takes: its lock is renewed every ``lock_timeout / 3`` while it runs, and a dead holder's
+    lock expires within ``lock_timeout``. ``clock``, ``sleep`` and ``async_sleep`` are
+    injectable for tests::
 
         @llmguard.cached(ttl="7d", ignore=("client",), version="prompt-v2")
         def summarize(text: str, client=None, *, model: str = "gpt-4o") -> str: ...
@@ -654,20 +662,52 @@ def cached(
     """
     options = {"model": model, "prompt": prompt, "log_content": log_content}
     check_options("cached", options)
-    ttl_s = parse_duration(ttl, "ttl")
-    stale_s = parse_duration(stale_ttl, "stale_ttl")
-    lock_s = parse_duration(lock_timeout, "lock_timeout")
-    if serializer not in ("json", "pickle"):
-        raise ConfigurationError(f"serializer must be 'json' or 'pickle', got {serializer!r}")
-    for name, value in (("key", key), ("cache_if", cache_if), ("clock", clock)):
-        if value is not None and not callable(value):
-            raise ConfigurationError(f"@cached({name}=...) must be callable")
+    where = "@cached"
+    ttl_s = validate.seconds(
+        ttl, "ttl", decorator=where, allow_none=True, durations=True, none_means="no expiry"
+    )
+    stale_s = validate.seconds(
+        stale_ttl,
+        "stale_ttl",
+        decorator=where,
+        allow_none=True,
+        durations=True,
+        none_means="stale entries kept until evicted",
+    )
+    lock_s = validate.seconds(
+        lock_timeout,
+        "lock_timeout",
+        decorator=where,
+        minimum=0.1,
+        inclusive=True,
+        durations=True,
+        none_means="how long a dead holder of the lock can keep others waiting",
+    )
+    serializer = validate.choice(
+        serializer, "serializer", decorator=where, choices=("json", "pickle")
+    )
+    validate.function(key, "key", decorator=where, takes="given the call's arguments by name")
+    validate.function(cache_if, "cache_if", decorator=where, takes="given the result")
+    validate.function(clock, "clock", decorator=where, allow_none=False)
+    validate.function(sleep, "sleep", decorator=where)
+    validate.function(async_sleep, "async_sleep", decorator=where)
+    validate.flag(stale_if_error, "stale_if_error", decorator=where)
+    named: Any = version
+    if named is not None and (
+        isinstance(named, bool) or not isinstance(named, (str, int)) or named == ""
+    ):
+        raise validate.refuse(
+            where,
+            "version",
+            version,
+            "version must be a non-empty string (or an int) naming the prompt version, e.g. "
+            "'prompt-v2' (None: no version)",
+        )
     if isinstance(ignore, str):
         ignore = (ignore,)
-    if storage is not None:
-        validate_uri(storage)
-    if not isinstance(namespace, str) or not namespace:
-        raise ConfigurationError("@cached(namespace=...) must be a non-empty string")
+    ignore = validate.strings(ignore, "ignore", decorator=where, meaning="parameter names")
+    validate.storage(storage, decorator=where)
+    validate.text(namespace, "namespace", decorator=where, meaning="e.g. 'default'")
 
     def decorate(func: Any) -> Any:
         if isinstance(func, (classmethod, staticmethod)):
@@ -683,12 +723,12 @@ def cached(
             key=key,
             version=None if version is None else str(version),
             cache_if=cache_if,
-            stale_if_error=bool(stale_if_error),
+            stale_if_error=stale_if_error,
             stale_ttl=stale_s,
             storage=storage,
             namespace=namespace,
             serializer=serializer,
-            lock_timeout=lock_s or 60.0,
+            lock_timeout=lock_s,
             clock=clock,
             sleep=sleep,
             async_sleep=async_sleep,

@@ -62,21 +62,41 @@ def configure(
     >>> llmguard.configure(storage="memory://")
     >>> llmguard.configure(storage=None)   # back to LLMGUARD_STORAGE or the local default
     """
-    if not isinstance(storage, _Unset):
-        if storage is not None:
-            from ._storage import validate_uri
+    from . import _validate as validate
 
-            validate_uri(storage)
+    # Every argument is checked before any is set: a refused call changes nothing.
+    if not isinstance(storage, _Unset):
+        validate.storage(storage, decorator="configure")
+    folder: str | None = None
+    if cache_dir is not None and not isinstance(cache_dir, _Unset):
+        if not isinstance(cache_dir, (str, os.PathLike)) or not str(os.fspath(cache_dir)).strip():
+            raise validate.refuse(
+                "configure",
+                "cache_dir",
+                cache_dir,
+                "cache_dir must be a folder path, a non-empty str or a pathlib.Path (None: "
+                "LLMGUARD_CACHE_DIR, else the user cache folder)",
+            )
+        if not isinstance(os.fspath(cache_dir), str):
+            raise validate.refuse(
+                "configure", "cache_dir", cache_dir, "cache_dir must be a str path, not bytes"
+            )
+        folder = str(os.fspath(cache_dir))
+    if not isinstance(cache_size_limit, _Unset):
+        validate.integer(
+            cache_size_limit,
+            "cache_size_limit",
+            decorator="configure",
+            minimum=1,
+            maximum=2**50,
+            allow_none=True,
+            meaning="bytes of cache entries a local storage keeps; None: the default, 1 GiB",
+        )
+    if not isinstance(storage, _Unset):
         _settings.storage = storage
     if not isinstance(cache_dir, _Unset):
-        _settings.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        _settings.cache_dir = folder
     if not isinstance(cache_size_limit, _Unset):
-        if cache_size_limit is not None and (
-            not isinstance(cache_size_limit, int) or cache_size_limit <= 0
-        ):
-            raise ConfigurationError(
-                f"cache_size_limit must be bytes > 0, got {cache_size_limit!r}"
-            )
         _settings.cache_size_limit = cache_size_limit
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, ParamSpec, TypeVar
 
+from . import _validate as validate
 from ._config import UNSET, _Unset
 from ._errors import ConfigurationError
 from ._flight import Flight, _running_loop
@@ -136,15 +137,17 @@ def debounced(
         raise ConfigurationError(
             "@debounced needs parentheses: @debounced() or @debounced(wait=0.3)"
         )
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait > 0:
-        raise ConfigurationError(f"wait must be seconds > 0, got {wait!r}")
-    if key is not None and not callable(key):
-        raise ConfigurationError("@debounced(key=...) must be callable")
+    where = "@debounced"
+    wait_s = validate.seconds(
+        wait, "wait", decorator=where, maximum=86400, none_means="the quiet time ending a burst"
+    )
+    validate.function(key, "key", decorator=where, takes="given the call's arguments by name")
+    validate.function(clock, "clock", decorator=where, allow_none=False)
+    validate.function(sleep, "sleep", decorator=where)
+    validate.function(async_sleep, "async_sleep", decorator=where)
     options = {"model": model, "prompt": prompt, "log_content": log_content}
     check_options("debounced", options)
-    layer = _DebounceLayer(
-        wait=float(wait), key=key, clock=clock, sleep=sleep, async_sleep=async_sleep
-    )
+    layer = _DebounceLayer(wait=wait_s, key=key, clock=clock, sleep=sleep, async_sleep=async_sleep)
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
         return guard(func, decorator="debounced", layer=layer, options=options)  # type: ignore[no-any-return]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -18,16 +19,25 @@ class Flight:
 
     The leader runs the call and ``finish``es the flight with its outcome; followers
     ``wait`` (threads) or ``wait_async`` (asyncio tasks: on the leader's loop they await a
-    future, from another loop they wait in a worker thread)."""
+    future, from another loop they wait in a worker thread). ``leader`` is the leader's
+    call record (a call made inside it is not its follower); ``owner``, when set, is a weak
+    reference to what finishes the flight later (a stream being consumed): once it is gone
+    unfinished, the flight is dead (:meth:`alive`)."""
 
-    __slots__ = ("deferred", "event", "future", "loop", "outcome")
+    __slots__ = ("deferred", "event", "future", "leader", "loop", "outcome", "owner")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, leader: Any = None) -> None:
         self.event = threading.Event()
         self.deferred = False  # the leader finishes it later (when its stream ends)
         self.loop = loop
+        self.leader = leader
+        self.owner: Callable[[], Any] | None = None
         self.future: asyncio.Future[Any] | None = loop.create_future() if loop is not None else None
         self.outcome: Outcome = (None, None, None, None)
+
+    def alive(self) -> bool:
+        """Unfinished, and its leader (or the stream it deferred to) is still at work."""
+        return not self.event.is_set() and (self.owner is None or self.owner() is not None)
 
     def finish(
         self, ok: bool | None, value: Any, cost: Decimal | None = None, model: str | None = None
@@ -44,6 +54,25 @@ class Flight:
     def wait(self, timeout: float | None) -> Outcome:
         self.event.wait(timeout)
         return self.outcome
+
+    def wait_while_alive(self, beat: float) -> Outcome:
+        """Wait until the flight finishes or dies, looking every ``beat`` seconds."""
+        while not self.event.wait(beat) and self.alive():
+            pass
+        return self.outcome
+
+    async def wait_while_alive_async(self, beat: float) -> Outcome:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self.future is not None and self.loop is loop:
+            while self.alive():
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.future), beat)
+                except asyncio.TimeoutError:
+                    pass
+            return self.outcome
+        return await loop.run_in_executor(None, self.wait_while_alive, beat)
 
     async def wait_async(self, timeout: float | None) -> Outcome:
         import asyncio

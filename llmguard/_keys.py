@@ -122,7 +122,15 @@ def _encode(value: Any, where: str) -> bytes:
         return _chunk(b"c", _encode(_qualname(kind), where) + _encode(fields, where))
     dump = getattr(value, "model_dump", None)
     if callable(dump) and hasattr(kind, "model_fields"):
-        return _chunk(b"p", _encode(_qualname(kind), where) + _encode(dump(mode="json"), where))
+        try:
+            data = dump(mode="json")
+        except ValueError as exc:  # pydantic's own refusal: a cycle, an unserializable field
+            raise TypeError(
+                f"cannot make a cache key from argument {where!r}: its {_qualname(kind)} does "
+                f"not serialize ({exc}). Leave it out with ignore=({where.split('[', 1)[0]!r},), "
+                "or derive the key yourself with key="
+            ) from None
+        return _chunk(b"p", _encode(_qualname(kind), where) + _encode(data, where))
     # Subclasses of the plain types (a str Enum is handled above): their class and base value.
     bases: tuple[type[Any], ...] = (str, int, float, list, tuple, dict)
     for base in bases:
@@ -140,10 +148,23 @@ def _qualname(kind: type) -> str:
 
 
 def canonical(arguments: Mapping[str, Any]) -> bytes:
-    """The canonical bytes of bound arguments (names sorted, values type-tagged)."""
-    return b"".join(
-        _encode(name, name) + _encode(arguments[name], name) for name in sorted(arguments)
-    )
+    """The canonical bytes of bound arguments (names sorted, values type-tagged).
+
+    TypeError for a value that cannot be part of a key: an unsupported type, or a container
+    that holds itself (or is nested beyond the recursion limit)."""
+    parts = []
+    for name in sorted(arguments):
+        try:
+            parts.append(_encode(name, name) + _encode(arguments[name], name))
+        except RecursionError:
+            # A cycle (a list holding itself, a dict reachable from its own values...) has no
+            # finite encoding; found by the recursion limit, so the common case pays nothing.
+            raise TypeError(
+                f"cannot make a cache key from argument {name!r}: it contains itself (or is "
+                "nested too deeply to encode). Leave it out with "
+                f"ignore=({name!r},), or derive the key yourself with key="
+            ) from None
+    return b"".join(parts)
 
 
 def code_digest(fn: Any) -> str:

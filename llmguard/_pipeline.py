@@ -32,6 +32,7 @@ from decimal import Decimal
 from random import getrandbits
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+from . import _validate as validate
 from ._config import _Unset
 from ._errors import ConfigurationError
 from ._events import emit, warn_once
@@ -786,17 +787,20 @@ def check_options(decorator: str, options: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(given) - {"model", "prompt", "log_content"}
     if unknown:
         raise ConfigurationError(f"@{decorator} got unknown options: {', '.join(sorted(unknown))}")
-    model = given.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ConfigurationError(f"@{decorator}(model=...) must be a model name, got {model!r}")
-    prompt = given.get("prompt")
-    if prompt is not None and not callable(prompt):
-        raise ConfigurationError(
-            f"@{decorator}(prompt=...) must be a callable taking the function's arguments and "
-            "returning the prompt text or messages"
+    where = f"@{decorator}"
+    if "model" in given:
+        validate.text(
+            given["model"], "model", decorator=where, allow_none=True, meaning="a model name"
         )
-    if not isinstance(given.get("log_content", False), bool):
-        raise ConfigurationError(f"@{decorator}(log_content=...) must be True or False")
+    if "prompt" in given:
+        validate.function(
+            given["prompt"],
+            "prompt",
+            decorator=where,
+            takes="given the function's arguments, returning the prompt text or messages",
+        )
+    if "log_content" in given:
+        validate.flag(given["log_content"], "log_content", decorator=where)
     return given
 
 

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, ParamSpec, TypeVar
 
+from . import _validate as validate
 from ._config import UNSET, _Unset, storage_uri
 from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge
 from ._pipeline import (
@@ -46,6 +47,7 @@ R = TypeVar("R")
 _limits_storages: dict[tuple[str, Callable[[], float]], Any] = {}
 _limits_lock = threading.Lock()
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+_SCHEMES = ("local", "disk", "file", "memory", "redis", "rediss", "unix")
 
 
 def _clock_refused(uri: str) -> ConfigurationError:
@@ -175,19 +177,52 @@ def _queue_for(storage: Any, ids: tuple[str, ...]) -> _WaitQueue:
         return queue
 
 
-def _parse(rates: str, what: str) -> list[Any]:
+def _parse(rates: Any, what: str) -> list[Any]:
+    """The ``limits`` items of a rate string; each allows at least one call (or token) per
+    window of at least a millisecond and at most 100 years."""
     import limits
+    from limits.util import SEPARATORS, SINGLE_EXPR
 
+    syntax = (
+        f"{what} must be a rate in limits' syntax, e.g. '500/minute', '10 per 2 seconds' or "
+        "'10/second;500/minute'"
+    )
+    if not isinstance(rates, str) or not rates.strip():
+        raise validate.refuse("@rate_limited", what, rates, syntax)
     try:
-        items = limits.parse_many(rates)
-    except (ValueError, TypeError) as exc:
-        raise ConfigurationError(
-            f"{what}={rates!r} is not a rate: use limits' syntax, e.g. '500/minute' or "
-            f"'10/second;500/minute' ({exc})"
-        ) from None
-    if not items:
-        raise ConfigurationError(f"{what}={rates!r} names no rate")
-    return list(items)
+        items = list(limits.parse_many(rates))
+    except (ValueError, TypeError):
+        raise validate.refuse("@rate_limited", what, rates, syntax) from None
+    # limits reads a window of "0 seconds" as 1 second: look at the numbers as written
+    written = [SINGLE_EXPR.match(part) for part in SEPARATORS.split(rates)]
+    for item, match in zip(items, written, strict=True):
+        assert match is not None
+        multiples = match.group(3)
+        if multiples is not None and int(multiples) < 1:
+            raise validate.refuse(
+                "@rate_limited",
+                what,
+                rates,
+                f"{match.group(0).strip()!r} has a window of 0: use a window of at least 1 "
+                "unit, e.g. '1/second' or '10 per 2 seconds'",
+            )
+        if not 1 <= item.amount <= validate.MAX_RATE:
+            raise validate.refuse(
+                "@rate_limited",
+                what,
+                rates,
+                f"{match.group(0).strip()!r} allows {item.amount} "
+                f"{'calls' if what == 'rate' else 'tokens'} per window: allow from 1 to "
+                f"{validate.MAX_RATE:,} (leave {what} out for no such limit)",
+            )
+        if item.get_expiry() > validate.MAX_SECONDS:
+            raise validate.refuse(
+                "@rate_limited",
+                what,
+                rates,
+                f"{match.group(0).strip()!r} has a window over 100 years: use a shorter one",
+            )
+    return items
 
 
 class _RateLimitLayer:
@@ -389,7 +424,9 @@ def rate_limited(
     and ``async_sleep`` make waits exact and instant in tests (``clock`` with local or
     ``memory://`` storage: Redis keeps its own time).
     """
-    if rate is not None and not isinstance(rate, str):
+    where = "@rate_limited"
+    given: Any = rate
+    if given is not None and not isinstance(given, str) and callable(given):
         raise ConfigurationError(
             "@rate_limited needs a rate string, e.g. @rate_limited('500/minute') — not a function"
         )
@@ -399,34 +436,54 @@ def rate_limited(
     token_items = _parse(tokens, "tokens") if tokens is not None else []
     options = {"model": model, "prompt": prompt, "log_content": log_content}
     check_options("rate_limited", options)
-    if max_wait is not None and (not isinstance(max_wait, (int, float)) or max_wait < 0):
-        raise ConfigurationError(f"max_wait must be seconds >= 0 or None, got {max_wait!r}")
-    if not callable(clock):
-        raise ConfigurationError("@rate_limited(clock=...) must be callable")
-    if margin is not None and (not isinstance(margin, (int, float)) or margin < 0):
-        raise ConfigurationError(f"margin must be seconds >= 0, got {margin!r}")
-    if not isinstance(default_output_tokens, int) or default_output_tokens < 0:
-        raise ConfigurationError("default_output_tokens must be an int >= 0")
-    if key is not None and not callable(key):
-        raise ConfigurationError("@rate_limited(key=...) must be callable")
-    if storage is not None:
-        validate_uri(storage)
-        if _scheme(storage) not in ("local", "disk", "file", "memory", "redis", "rediss", "unix"):
-            raise ConfigurationError(
-                f"rate limits need local, memory:// or redis:// storage, not {storage!r}"
-            )
-        if clock is not time.time and _scheme(storage) in _REDIS_SCHEMES:
-            raise _clock_refused(storage)
+    validate.text(name, "name", decorator=where, allow_none=True, meaning="shared by functions")
+    validate.function(key, "key", decorator=where, takes="given the call's arguments by name")
+    validate.flag(block, "block", decorator=where)
+    max_wait_s = validate.seconds(
+        max_wait,
+        "max_wait",
+        decorator=where,
+        allow_none=True,
+        inclusive=True,
+        none_means="wait as long as the window needs",
+    )
+    validate.function(clock, "clock", decorator=where, allow_none=False)
+    margin_s = validate.seconds(
+        margin,
+        "margin",
+        decorator=where,
+        allow_none=True,
+        inclusive=True,
+        maximum=3600,
+        none_means="2% of the window, at least 50 ms",
+    )
+    validate.integer(
+        default_output_tokens,
+        "default_output_tokens",
+        decorator=where,
+        minimum=0,
+        maximum=validate.MAX_TOKENS,
+        meaning="the output budget assumed when a call gives no max_tokens",
+    )
+    validate.function(sleep, "sleep", decorator=where)
+    validate.function(async_sleep, "async_sleep", decorator=where)
+    validate.storage(storage, decorator=where)
+    if storage is not None and _scheme(storage) not in _SCHEMES:
+        raise validate.refuse(
+            where, "storage", storage, "rate limits need local, memory:// or redis:// storage"
+        )
+    if storage is not None and clock is not time.time and _scheme(storage) in _REDIS_SCHEMES:
+        raise _clock_refused(storage)
     layer = _RateLimitLayer(
         requests=requests_items,
         tokens=token_items,
         name=name,
         key=key,
         block=block,
-        max_wait=None if max_wait is None else float(max_wait),
+        max_wait=max_wait_s,
         storage=storage,
         default_output_tokens=default_output_tokens,
-        margin=None if margin is None else float(margin),
+        margin=margin_s,
         clock=clock,
         sleep=sleep,
         async_sleep=async_sleep,

@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable, Generator
 from datetime import datetime, timezone
 from typing import Any, ParamSpec, TypeVar, overload
 
+from . import _validate as validate
 from ._config import UNSET, _Unset
-from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge
+from ._errors import RateLimitExceeded, RequestTooLarge
 from ._events import emit
 from ._pipeline import PROCEED, CallRecord, PromptFn, Sleep, check_options, guard
 
@@ -287,26 +288,38 @@ def retry_on_rate_limit(
 
     options = {"model": model, "prompt": prompt, "log_content": log_content}
     check_options("retry_on_rate_limit", options)
-    if not isinstance(max_tries, int) or isinstance(max_tries, bool) or max_tries < 1:
-        raise ConfigurationError(f"max_tries must be an int >= 1, got {max_tries!r}")
-    for name, value in (
-        ("max_wait", max_wait),
-        ("initial_wait", initial_wait),
-        ("max_time", max_time),
+    where = "@retry_on_rate_limit"
+    validate.integer(
+        max_tries, "max_tries", decorator=where, minimum=1, maximum=1000, meaning="attempts"
+    )
+    max_time_s = validate.seconds(
+        max_time, "max_time", decorator=where, allow_none=True, none_means="no time limit"
+    )
+    max_wait_s = validate.seconds(max_wait, "max_wait", decorator=where)
+    initial_wait_s = validate.seconds(initial_wait, "initial_wait", decorator=where)
+    validate.flag(server_errors, "server_errors", decorator=where)
+    types: Any = retry_on
+    if not isinstance(types, (tuple, list)) or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in types
     ):
-        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-            raise ConfigurationError(f"{name} must be a number of seconds > 0, got {value!r}")
-    if not isinstance(retry_on, tuple) or not all(
-        isinstance(t, type) and issubclass(t, BaseException) for t in retry_on
-    ):
-        raise ConfigurationError("retry_on must be a tuple of exception types")
+        raise validate.refuse(
+            where,
+            "retry_on",
+            retry_on,
+            "retry_on must be a tuple of exception types, e.g. (TimeoutError,)",
+        )
+    if not isinstance(jitter, _Unset):
+        validate.function(jitter, "jitter", decorator=where, takes="given a wait, returning one")
+    validate.function(clock, "clock", decorator=where, allow_none=False)
+    validate.function(sleep, "sleep", decorator=where)
+    validate.function(async_sleep, "async_sleep", decorator=where)
     layer = _RetryLayer(
         max_tries=max_tries,
-        max_time=max_time,
-        max_wait=float(max_wait),
-        initial_wait=float(initial_wait),
+        max_time=max_time_s,
+        max_wait=max_wait_s,
+        initial_wait=initial_wait_s,
         server_errors=server_errors,
-        retry_on=retry_on,
+        retry_on=tuple(retry_on),
         jitter=backoff.full_jitter if isinstance(jitter, _Unset) else jitter,
         clock=clock,
         sleep=sleep,

@@ -18,6 +18,7 @@ import inspect
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
+from . import _validate as validate
 from ._config import UNSET, _Unset
 from ._errors import BudgetExceeded, ConfigurationError
 from ._pipeline import (
@@ -170,34 +171,37 @@ def route_model(
         @llmguard.route_model("gpt-4o", cheap="gpt-4o-mini", when=lambda t, **_: len(t) < 2000)
         def summarize(text: str, *, model: str = "gpt-4o") -> str: ...
     """
-    for label, value in (
-        ("default", default),
-        ("cheap", cheap),
-        *(("fallbacks", m) for m in fallbacks),
-    ):
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigurationError(f"@route_model {label} must be a model name, got {value!r}")
-    if isinstance(fallbacks, str):
-        raise ConfigurationError("fallbacks must be a sequence of model names, not one string")
-    if when is not None and not callable(when):
-        raise ConfigurationError("@route_model(when=...) must be callable")
+    where = "@route_model"
+    validate.text(default, "default", decorator=where, meaning="the model used by default")
+    validate.text(cheap, "cheap", decorator=where, allow_none=True, meaning="a model name")
+    fallback_models = validate.strings(
+        fallbacks, "fallbacks", decorator=where, meaning="model names, tried in order"
+    )
+    validate.function(when, "when", decorator=where, takes="given the call's arguments by name")
+    validate.integer(
+        cheap_below_tokens,
+        "cheap_below_tokens",
+        decorator=where,
+        minimum=1,
+        maximum=validate.MAX_TOKENS,
+        allow_none=True,
+        meaning="prompts estimated under this many tokens go to cheap",
+    )
+    if downgrade_at is not None:
+        validate.fraction(
+            downgrade_at, "downgrade_at", decorator=where, meaning="of the budget's limit spent"
+        )
+    validate.text(budget, "budget", decorator=where, allow_none=True, meaning="a budget's name")
+    validate.text(param, "param", decorator=where, identifier=True)
+    validate.text(critical_param, "critical_param", decorator=where, identifier=True)
     if (
         when is not None or cheap_below_tokens is not None or downgrade_at is not None
     ) and cheap is None:
         raise ConfigurationError(
             "@route_model: when=, cheap_below_tokens= and downgrade_at= need cheap="
         )
-    if downgrade_at is not None:
-        if budget is None:
-            raise ConfigurationError(
-                "@route_model(downgrade_at=...) needs budget= (the budget's name)"
-            )
-        if not isinstance(downgrade_at, (int, float)) or not 0 < downgrade_at <= 1:
-            raise ConfigurationError("downgrade_at must be a fraction in (0, 1]")
-    if cheap_below_tokens is not None and (
-        not isinstance(cheap_below_tokens, int) or cheap_below_tokens < 1
-    ):
-        raise ConfigurationError("cheap_below_tokens must be an int >= 1")
+    if downgrade_at is not None and budget is None:
+        raise ConfigurationError("@route_model(downgrade_at=...) needs budget= (the budget's name)")
     options = {"prompt": prompt, "log_content": log_content}
     check_options("route_model", options)
     layer = _RouteLayer(
@@ -205,7 +209,7 @@ def route_model(
         cheap=cheap,
         when=when,
         cheap_below_tokens=cheap_below_tokens,
-        fallbacks=tuple(fallbacks),
+        fallbacks=fallback_models,
         downgrade_at=downgrade_at,
         budget=budget,
         param=param,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
+from . import _validate as validate
 from ._budget import budget as _budget
 from ._cache import cached as _cached
 from ._errors import ConfigurationError
@@ -27,15 +28,21 @@ R = TypeVar("R")
 Options = Mapping[str, Any]
 
 
-def _options(name: str, value: Any) -> dict[str, Any] | None:
+def _options(name: str, value: Any, decorator: Callable[..., Any]) -> dict[str, Any] | None:
+    """The options for one policy: None to skip it, else a dict whose names ``decorator``
+    takes (checked here, so a misspelt option fails like any other bad option)."""
     if value is None or value is False:
         return None
     if value is True:
         return {}
     if isinstance(value, Mapping):
+        validate.keywords(f"@guard({name}=...)", value, decorator)
         return dict(value)
-    raise ConfigurationError(
-        f"@guard({name}=...) takes True, a dict of the decorator's options, or None"
+    raise validate.refuse(
+        "@guard",
+        name,
+        value,
+        f"{name} takes True (the decorator's defaults), a dict of its options, or None",
     )
 
 
@@ -62,23 +69,25 @@ def guard(
         def summarize(text: str, *, model: str = "gpt-4o") -> str: ...
     """
     layers: list[Callable[[Any], Any]] = []  # innermost first
-    rate_options = {"rate": rate} if isinstance(rate, str) else _options("rate", rate)
+    rate_options = (
+        {"rate": rate} if isinstance(rate, str) else _options("rate", rate, _rate_limited)
+    )
     if rate_options is not None:
         layers.append(_rate_limited(**rate_options))
-    retry_options = _options("retry", retry)
+    retry_options = _options("retry", retry, _retry)
     if retry_options is not None:
         layers.append(_retry(**retry_options))
-    budget_options = _options("budget", budget)
+    budget_options = _options("budget", budget, _budget)
     if budget_options is not None:
         layers.append(_budget(**budget_options))
-    route_options = _options("route", route)
+    route_options = _options("route", route, _route)
     if route_options is not None:
         if "default" not in route_options:
             raise ConfigurationError(
                 "@guard(route=...) needs 'default', the model to use by default"
             )
         layers.append(_route(**route_options))
-    cache_options = _options("cache", cache)
+    cache_options = _options("cache", cache, _cached)
     if cache_options is not None:
         layers.append(_cached(**cache_options))
     if not layers:

@@ -81,6 +81,14 @@ class Storage(ABC):
     def release(self, key: str, token: bytes) -> bool:
         """Delete ``key`` only if it still holds ``token`` (unlock only your own lock)."""
 
+    def renew(self, key: str, token: bytes, ttl: float) -> bool:
+        """Make ``key`` expire ``ttl`` seconds from now, only if it still holds ``token``
+        (extend your own lock, a lease's heartbeat); False if it does not (it expired, or
+        another holder took it). Atomic. The built-in backends implement it; a backend that
+        does not raises NotImplementedError, and its locks then simply expire after their
+        ttl even while their holder works."""
+        raise NotImplementedError(f"{type(self).__name__} cannot renew a lock")
+
     # Cache entries: a backend may keep them apart and evict them under a size limit;
     # everything stored with the methods above (locks, counters, ledgers) is never evicted.
     def get_entry(self, key: str) -> bytes | None:
@@ -215,6 +223,13 @@ class MemoryStorage(Storage):
             if self._live(key) != token:
                 return False
             del self._data[key]
+            return True
+
+    def renew(self, key: str, token: bytes, ttl: float) -> bool:
+        with self._lock:
+            if self._live(key) != token:
+                return False
+            self._data[key] = (token, self._expiry(ttl))
             return True
 
 
@@ -501,6 +516,14 @@ class LocalStorage(Storage):
                     return False
                 return bool(cache.delete(key))
 
+    def renew(self, key: str, token: bytes, ttl: float) -> bool:
+        with _wrapped(self.uri, "renew"):
+            cache = self.cache
+            with cache.transact():  # one SQLite transaction: compare and renew, atomically
+                if cache.get(key) != token:
+                    return False
+                return bool(cache.touch(key, expire=ttl))
+
     @staticmethod
     def _clear(cache: Any, prefix: str) -> int:
         if not prefix:
@@ -566,6 +589,13 @@ end
 return 0
 """
 
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 _INCR_WITH_TTL = """
 local value = redis.call('INCRBY', KEYS[1], ARGV[1])
 if value == tonumber(ARGV[1]) and ARGV[2] ~= '' then
@@ -604,6 +634,7 @@ class RedisStorage(Storage):
         )
         self._incr = self.client.register_script(_INCR_WITH_TTL)
         self._release = self.client.register_script(_RELEASE)
+        self._renew = self.client.register_script(_RENEW)
 
     remote = True
 
@@ -665,6 +696,10 @@ class RedisStorage(Storage):
     def release(self, key: str, token: bytes) -> bool:
         with _wrapped(self.uri, "release"):
             return bool(self._release(keys=[self.prefix + key], args=[token]))
+
+    def renew(self, key: str, token: bytes, ttl: float) -> bool:
+        with _wrapped(self.uri, "renew"):
+            return bool(self._renew(keys=[key], args=[token, max(1, int(ttl * 1000))]))
 
     def close(self) -> None:
         self.client.close()

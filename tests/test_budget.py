@@ -541,8 +541,13 @@ def test_cli_reads_and_resets_exactly_one_key(
 
 
 def test_declarations_of_one_name_must_agree(backend: str) -> None:
+    count = iter(range(100))
+
     def declare(**options: Any) -> Any:
-        return llmguard.budget(name="shared", storage=backend, **options)(lambda: None)
+        def fn() -> None: ...
+
+        fn.__qualname__ = f"function_{next(count)}"  # each declaration on its own function
+        return llmguard.budget(name="shared", storage=backend, **options)(fn)
 
     declare(usd="0.05", per="day")
     declare(usd=Decimal("0.050"), per="day", on_exceed="warn")  # the same limits: accepted
@@ -556,6 +561,16 @@ def test_declarations_of_one_name_must_agree(backend: str) -> None:
         with pytest.raises(llmguard.ConfigurationError, match=r"already declared with usd=0\.05"):
             declare(**options)
     assert llmguard.budget_status("shared").limit_usd == Decimal("0.05")
+
+
+def test_the_same_function_defined_again_redefines_its_budget(backend: str) -> None:
+    """A re-run notebook cell or a reloaded module: the latest definition is the budget's."""
+    for usd in ("0.05", "0.10"):
+
+        @llmguard.budget(usd=usd, name="redefined", storage=backend)
+        def ask() -> None: ...
+
+    assert llmguard.budget_status("redefined").limit_usd == Decimal("0.10")
 
 
 def test_a_different_stored_definition_is_replaced_with_a_warning(
