@@ -202,7 +202,7 @@ def run(
 
     counter = [0]
     report = build(read_events([str(log_path)], counter))
-    report.skipped_lines = counter[0]
+    report.skipped_lines += counter[0]  # malformed events were counted already
     html_path.write_text(render_html(report), encoding="utf-8")
     say(render_table(report))
     say(f"\nThe JSON log: {log_path}\nThe HTML report: {html_path}")

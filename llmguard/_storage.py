@@ -699,7 +699,9 @@ class RedisStorage(Storage):
 
     def renew(self, key: str, token: bytes, ttl: float) -> bool:
         with _wrapped(self.uri, "renew"):
-            return bool(self._renew(keys=[key], args=[token, max(1, int(ttl * 1000))]))
+            return bool(
+                self._renew(keys=[self.prefix + key], args=[token, max(1, int(ttl * 1000))])
+            )
 
     def close(self) -> None:
         self.client.close()

@@ -21,7 +21,8 @@ from collections.abc import Callable, Collection
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, overload
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, MissingExtra
+from ._redact import redact_uri
 
 MAX_SECONDS = 100 * 365 * 86400.0
 """The longest duration any option takes (100 years); longer ones are refused as nonsense
@@ -41,7 +42,7 @@ _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*$", re.ASCII)
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
+    text = repr(redact_uri(value) if isinstance(value, str) and "://" in value else value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -334,6 +335,8 @@ def storage(value: Any, option: str = "storage", *, decorator: str) -> str | Non
         )
     try:
         validate_uri(value)
+    except MissingExtra:
+        raise  # already says what to install
     except ConfigurationError as exc:
         raise refuse(decorator, option, value, str(exc)) from None
     scheme = value.split("://", 1)[0].lower() if "://" in value else ""
