@@ -613,6 +613,11 @@ def _finish(call: CallRecord, result: Any, error: BaseException | None) -> None:
         return
     fields["latency_ms"] = latency_ms
     fields.update(call.fields)
+    parent = call.parent
+    if parent is not None and result is not None and not isinstance(result, str):
+        # This call metered its result: a caller returning that very response object must
+        # not bill its usage again.
+        parent.reported_ids.append(id(result))
     emit("info" if error is None else "warning", "llm_call", fields)
 
 

@@ -454,3 +454,39 @@ def test_budget_refusal_moves_to_a_fallback(tmp_path: Path) -> None:
         return model
 
     assert ask("hi") == "gpt-4o-mini"
+
+
+# -- one response, one bill ------------------------------------------------------------------
+
+
+def test_an_outer_call_returning_an_inner_response_does_not_bill_it_again(
+    flavour: str, events: CapturedEvents
+) -> None:
+    response = {"model": "gpt-4o", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}
+
+    if flavour == "sync":
+
+        @llmguard.track
+        def inner(text: str) -> dict[str, Any]:
+            return dict(response)
+
+        @llmguard.track
+        def outer(text: str) -> dict[str, Any]:
+            return inner(text)
+
+    else:
+
+        @llmguard.track
+        async def inner(text: str) -> dict[str, Any]:  # type: ignore[misc]
+            return dict(response)
+
+        @llmguard.track
+        async def outer(text: str) -> dict[str, Any]:  # type: ignore[misc]
+            return await inner(text)
+
+    call(outer, "x")
+    inner_event, outer_event = events.calls
+    assert inner_event["cost_usd"] == 0.0035
+    assert outer_event["cost_source"] == "children"
+    assert outer_event["cost_usd"] == 0.0
+    assert outer_event["children_cost_usd"] == 0.0035
