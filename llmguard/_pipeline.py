@@ -156,12 +156,8 @@ def _end_watches(
 
 
 def _observer_failed(observer: object, exc: Exception) -> None:
-    warn_once(
-        type(observer).__qualname__,
-        "llmguard_internal_error",
-        observer=type(observer).__qualname__,
-        error=repr(exc)[:300],
-    )
+    name = getattr(observer, "__qualname__", None) or type(observer).__qualname__
+    warn_once(name, "llmguard_internal_error", observer=name, error=repr(exc)[:300])
 
 
 class Layer(Protocol):
