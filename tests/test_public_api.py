@@ -27,8 +27,18 @@ def test_import_loads_nothing_heavy() -> None:
     code = (
         "import sys, llmguard\n"
         "heavy = {'tiktoken', 'genai_prices', 'diskcache', 'limits', 'backoff', 'redis', 'openai', 'asyncio',"
-        " 'anthropic', 'structlog'}\n"
+        " 'anthropic', 'structlog', 'opentelemetry', 'prometheus_client', 'llmguard.otel',"
+        " 'llmguard.prometheus', 'llmguard._monitor'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    out = run_python("-c", code).stdout
+    assert out.strip() == "[]"
+
+
+def test_exporter_modules_load_their_packages_only_when_used() -> None:
+    code = (
+        "import sys, llmguard.otel, llmguard.prometheus\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'prometheus_client'))))\n"
     )
     out = run_python("-c", code).stdout
     assert out.strip() == "[]"
