@@ -21,7 +21,7 @@ from ._errors import (
     RequestTooLarge,
     StorageError,
 )
-from ._events import configure_logging
+from ._events import Subscription, configure_logging, subscribe, unsubscribe
 from ._instrument import instrument, record_usage
 from ._pipeline import CallRecord, GuardedFunction, current_call
 from ._prices import ModelPrice, calc_cost, get_price, set_price
@@ -54,6 +54,7 @@ __all__ = [
     "RequestTooLarge",
     "Storage",
     "StorageError",
+    "Subscription",
     "TokenCount",
     "Usage",
     "__version__",
@@ -80,6 +81,8 @@ __all__ = [
     "retry_on_rate_limit",
     "route_model",
     "set_price",
+    "subscribe",
     "track",
+    "unsubscribe",
     "warm_up",
 ]

@@ -937,6 +937,12 @@ def _register(name: str, layer: _BudgetLayer, function: str) -> None:
         )
 
 
+def declared_budgets() -> list[str]:
+    """The names of the budgets declared in this process, sorted."""
+    with _registry_lock:
+        return sorted(_registry)
+
+
 def reset_registry() -> None:
     """Forget every budget declared in this process (for tests)."""
     with _registry_lock:

@@ -31,6 +31,7 @@ class Writable(Protocol):
 
 _sinks: tuple[Sink, ...] = ()
 _sinks_lock = threading.Lock()
+_failed_sinks: set[Sink] = set()  # sinks whose failure was reported (once each)
 _logger: Any = None
 # True while _logger is llmguard's own stderr logger, i.e. structlog was not configured when
 # it was chosen: only then does an event ask structlog whether that has changed since.
@@ -133,13 +134,126 @@ def remove_sink(sink: Sink) -> None:
     global _sinks
     with _sinks_lock:
         _sinks = tuple(s for s in _sinks if s is not sink)
+        _failed_sinks.discard(sink)
 
 
 def emit(level: str, event: str, fields: dict[str, Any]) -> None:
-    """Send one event to the sinks and to the ``"llmguard"`` logger at ``level``."""
+    """Send one event to the sinks and to the ``"llmguard"`` logger at ``level``.
+
+    Each sink gets a dict of its own. A sink that raises does not stop the event, the other
+    sinks or the call that emitted it: its first failure is reported as a
+    ``subscriber_failed`` warning event, later ones are dropped silently."""
     for sink in _sinks:
-        sink(level, {"event": event, "log_level": level, **fields})
+        try:
+            sink(level, {"event": event, "log_level": level, **fields})
+        except Exception as exc:
+            _sink_failed(sink, exc)
     getattr(get_logger(), level)(event, **fields)
+
+
+def _sink_failed(sink: Sink, exc: Exception) -> None:
+    with _sinks_lock:
+        if sink in _failed_sinks:
+            return
+        _failed_sinks.add(sink)
+    target = sink.callback if isinstance(sink, Subscription) else sink
+    name = getattr(target, "__qualname__", None) or type(target).__qualname__
+    emit(
+        "warning",
+        "subscriber_failed",
+        {
+            "subscriber": f"{getattr(target, '__module__', None) or '?'}.{name}",
+            "error": f"{type(exc).__name__}: {exc}"[:300],
+            "hint": "llmguard went on without it; this warning is given once per subscriber",
+        },
+    )
+
+
+Subscriber = Callable[[dict[str, Any]], object]
+
+
+class Subscription:
+    """A callback subscribed with :func:`llmguard.subscribe`: ``unsubscribe()`` ends it, and
+    so does leaving a ``with`` block::
+
+        with llmguard.subscribe(events.append):
+            summarize("some text")
+    """
+
+    __slots__ = ("__weakref__", "callback")
+
+    def __init__(self, callback: Subscriber) -> None:
+        self.callback = callback
+
+    def __call__(self, level: str, event: dict[str, Any]) -> None:
+        self.callback(event)
+
+    @property
+    def active(self) -> bool:
+        """Whether the callback still receives events."""
+        return self in _sinks
+
+    def unsubscribe(self) -> None:
+        """Stop delivering events to the callback (nothing happens if it was stopped)."""
+        remove_sink(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unsubscribe()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "ended"
+        return f"<Subscription {self.callback!r} ({state})>"
+
+
+def subscribe(callback: Subscriber) -> Subscription:
+    """Call ``callback(event)`` with every llmguard event, whatever structlog's configuration.
+
+    ``event`` is a plain dict of its own: ``event["event"]`` is the event's name
+    (``llm_call``, ``llm_retry``, ``budget_alert``...), ``event["log_level"]`` its level, and
+    the other keys its fields, as logged. Events below the log level are delivered too. The
+    callback runs in the thread (or event loop) that made the call, after the call is done;
+    keep it short, and hand slow work (a network send) to a queue. An exception it raises is
+    never the caller's: the call goes on, and a ``subscriber_failed`` warning event reports
+    the callback's first failure.
+
+    Subscribing a callback that is already subscribed returns its subscription (each event
+    is delivered once). The returned :class:`Subscription` ends with ``unsubscribe()`` or as
+    a context manager::
+
+        llmguard.subscribe(my_exporter)             # for the life of the process
+        with llmguard.subscribe(seen.append):       # for a block
+            summarize("some text")
+    """
+    global _sinks
+    given: object = callback  # checked at run time too: the caller may not use a type checker
+    if not callable(given):
+        from ._errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"llmguard.subscribe() takes a callable receiving each event dict, got {callback!r}"
+        )
+    with _sinks_lock:
+        for sink in _sinks:
+            if isinstance(sink, Subscription) and sink.callback == callback:
+                return sink
+        subscription = Subscription(callback)
+        _sinks = (*_sinks, subscription)
+    return subscription
+
+
+def unsubscribe(callback: Subscriber | Subscription) -> None:
+    """Stop calling ``callback`` (a subscribed callable, or the :class:`Subscription` that
+    :func:`subscribe` returned). Nothing happens if it is not subscribed."""
+    if isinstance(callback, Subscription):
+        callback.unsubscribe()
+        return
+    with _sinks_lock:
+        found = [s for s in _sinks if isinstance(s, Subscription) and s.callback == callback]
+    for subscription in found:
+        subscription.unsubscribe()
 
 
 def warn_once(key: str, event: str, **fields: Any) -> None:

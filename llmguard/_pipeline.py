@@ -92,6 +92,75 @@ class Call:
 Instruction = Any  # PROCEED | Sleep | Blocking | Call
 
 
+class CallWatch(Protocol):
+    """What a call observer returns for one call it watches (see :func:`add_call_observer`)."""
+
+    def leave(self) -> None:
+        """The wrapper is returning or raising: in the context the call started in."""
+
+    def finish(self, fields: dict[str, Any] | None, error: BaseException | None) -> None:
+        """The call is settled: ``fields`` are its ``llm_call`` event's (None if metering
+        failed). For a returned stream, when the stream has been consumed."""
+
+
+CallObserver = Callable[["CallRecord"], "CallWatch | None"]
+_observers: tuple[CallObserver, ...] = ()
+_observers_lock = threading.Lock()
+
+
+def add_call_observer(observer: CallObserver) -> None:
+    """Call ``observer(call)`` as each decorated call starts (inside its context, after its
+    record is current); a :class:`CallWatch` it returns hears when the call leaves and ends.
+    None by default: a call then pays one tuple test. An observer that raises is skipped
+    for that call (one warning)."""
+    global _observers
+    with _observers_lock:
+        _observers = (*_observers, observer)
+
+
+def remove_call_observer(observer: CallObserver) -> None:
+    global _observers
+    with _observers_lock:
+        _observers = tuple(o for o in _observers if o is not observer)
+
+
+def _watch(call: CallRecord) -> None:
+    watches = []
+    for observer in _observers:
+        try:
+            watch = observer(call)
+        except Exception as exc:
+            _observer_failed(observer, exc)
+            continue
+        if watch is not None:
+            watches.append(watch)
+    if watches:
+        call.watches = watches
+
+
+def _leave(call: CallRecord) -> None:
+    for watch in reversed(call.watches or ()):  # contexts are left in reverse order
+        try:
+            watch.leave()
+        except Exception as exc:
+            _observer_failed(watch, exc)
+
+
+def _end_watches(
+    call: CallRecord, fields: dict[str, Any] | None, error: BaseException | None
+) -> None:
+    for watch in reversed(call.watches or ()):
+        try:
+            watch.finish(fields, error)
+        except Exception as exc:
+            _observer_failed(watch, exc)
+
+
+def _observer_failed(observer: object, exc: Exception) -> None:
+    name = getattr(observer, "__qualname__", None) or type(observer).__qualname__
+    warn_once(name, "llmguard_internal_error", observer=name, error=repr(exc)[:300])
+
+
 class Layer(Protocol):
     """A policy: ``run`` is a generator of instructions returning the call's result.
 
@@ -265,6 +334,7 @@ class CallRecord:
         "spec",
         "started",
         "usages",
+        "watches",
     )
 
     def __init__(
@@ -293,6 +363,7 @@ class CallRecord:
         self.children = 0
         self.children_cost = _ZERO
         self.started = time.perf_counter()
+        self.watches: list[CallWatch] | None = None
 
     @property
     def function(self) -> str:
@@ -610,6 +681,8 @@ def _finish(call: CallRecord, result: Any, error: BaseException | None) -> None:
             function=call.spec.name,
             error=repr(exc)[:300],
         )
+        if call.watches is not None:
+            _end_watches(call, None, error)
         return
     fields["latency_ms"] = latency_ms
     fields.update(call.fields)
@@ -619,6 +692,8 @@ def _finish(call: CallRecord, result: Any, error: BaseException | None) -> None:
         # not bill its usage again.
         parent.reported_ids.append(id(result))
     emit("info" if error is None else "warning", "llm_call", fields)
+    if call.watches is not None:
+        _end_watches(call, fields, error)
 
 
 @dataclass(slots=True)
@@ -753,13 +828,19 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
             call = CallRecord(spec, args, kwargs, _current.get())
             token = _current.set(call)
+            if _observers:
+                _watch(call)
             try:
                 result = await (_drive_async(layers, 0, call) if layers else fn(*args, **kwargs))
             except BaseException as exc:
                 _current.reset(token)
+                if call.watches is not None:
+                    _leave(call)
                 _finish(call, None, exc)
                 raise
             _current.reset(token)
+            if call.watches is not None:
+                _leave(call)
             if is_stream(result):  # metered when the caller has consumed it
                 return _metered_stream(call, result)
             _finish(call, result, None)
@@ -770,13 +851,19 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
     def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
         call = CallRecord(spec, args, kwargs, _current.get())
         token = _current.set(call)
+        if _observers:
+            _watch(call)
         try:
             result = _drive_sync(layers, 0, call) if layers else fn(*args, **kwargs)
         except BaseException as exc:
             _current.reset(token)
+            if call.watches is not None:
+                _leave(call)
             _finish(call, None, exc)
             raise
         _current.reset(token)
+        if call.watches is not None:
+            _leave(call)
         if is_stream(result):  # metered when the caller has consumed it
             return _metered_stream(call, result)
         _finish(call, result, None)

@@ -27,6 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 from . import _validate as validate
 from ._config import UNSET, _Unset, storage_uri
 from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge
+from ._events import emit
 from ._pipeline import (
     PROCEED,
     Blocking,
@@ -382,6 +383,17 @@ class _RateLimitLayer:
                 queue.release()  # the next in line asks at once: the window may hold more
                 held = False
             call.fields["rate_wait_s"] = round(call.fields.get("rate_wait_s", 0.0) + waited, 3)
+            if waited > 0:  # for subscribers (a span event per wait); DEBUG in the log
+                emit(
+                    "debug",
+                    "rate_limit_wait",
+                    {
+                        "function": call.spec.name,
+                        "call_id": call.call_id,
+                        "limit": ids[1],
+                        "wait_s": round(waited, 3),
+                    },
+                )
         return (yield PROCEED)
 
 

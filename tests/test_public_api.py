@@ -8,7 +8,7 @@ from ._helpers import run_python
 
 def test_all_is_exactly_the_public_surface() -> None:
     public = {name for name in dir(llmguard) if not name.startswith(("_", "@"))} | {"__version__"}
-    public -= {"testing"}  # a submodule, imported by this test
+    public -= {"testing", "otel", "prometheus"}  # submodules, imported by this or other tests
     assert set(llmguard.__all__) == public
     assert sorted(llmguard.__all__) == llmguard.__all__
     for name in llmguard.__all__:
@@ -27,8 +27,18 @@ def test_import_loads_nothing_heavy() -> None:
     code = (
         "import sys, llmguard\n"
         "heavy = {'tiktoken', 'genai_prices', 'diskcache', 'limits', 'backoff', 'redis', 'openai', 'asyncio',"
-        " 'anthropic', 'structlog'}\n"
+        " 'anthropic', 'structlog', 'opentelemetry', 'prometheus_client', 'llmguard.otel',"
+        " 'llmguard.prometheus', 'llmguard._monitor'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    out = run_python("-c", code).stdout
+    assert out.strip() == "[]"
+
+
+def test_exporter_modules_load_their_packages_only_when_used() -> None:
+    code = (
+        "import sys, llmguard.otel, llmguard.prometheus\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'prometheus_client'))))\n"
     )
     out = run_python("-c", code).stdout
     assert out.strip() == "[]"
