@@ -238,7 +238,25 @@ def unchunk(item: tuple[list[Any], bytes]) -> Any:
     number, _, data = line.partition(b" ")
     if number == b"-":
         return _untag(json.loads(data))
-    return classes[int(number)].model_validate_json(data)
+    cls = classes[int(number)]
+    try:
+        return cls.model_validate_json(data)
+    except ValueError:  # pydantic's ValidationError
+        if not _sdk_model(cls):
+            raise
+        # What the provider sent, which the SDK took without validating (it builds events
+        # with its own recursive construct): a field its models declare required may be
+        # missing (an older SDK stored it, a proxy or another provider left it out).
+        return cls.construct(**json.loads(data))
+
+
+def _sdk_model(cls: Any) -> bool:
+    """Whether ``cls`` is an ``openai`` / ``anthropic`` model, built by its SDK's own
+    recursive ``construct`` (no validation) from what the provider sends."""
+    for base in cls.__mro__:
+        if "construct" in vars(base):
+            return str(base.__module__).partition(".")[0] in ("openai", "anthropic")
+    return False
 
 
 _classes: dict[str, Any] = {}

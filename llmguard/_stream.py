@@ -1,17 +1,18 @@
 """Streams: chunks pass through unchanged, as they arrive; the call is metered once, at the end.
 
 A decorated function that returns a stream (an ``openai`` ``Stream``/``AsyncStream`` of
-chat chunks, an ``anthropic`` event stream, any iterator or async iterator of chunks) gets
-back a wrapper that yields the same chunks. When the stream ends, is closed early, fails, or
-is dropped unfinished (garbage-collected), the wrapper reports what was consumed: the usage
-the provider sent (OpenAI ``stream_options={"include_usage": True}``, Anthropic
-``message_start`` / ``message_delta``), else the text of the deltas for an estimate.
+chat chunks or of Responses API events, an ``anthropic`` event stream, any iterator or async
+iterator of chunks) gets back a wrapper that yields the same chunks. When the stream ends, is
+closed early, fails, or is dropped unfinished (garbage-collected), the wrapper reports what
+was consumed: the usage the provider sent (OpenAI ``stream_options={"include_usage":
+True}``, the Responses API's ``response.completed``, Anthropic ``message_start`` /
+``message_delta``), else the text of the deltas for an estimate.
 
-The SDKs' stream helpers (``client.chat.completions.stream(...)``, ``client.messages.stream
-(...)``) return a *manager*: nothing is sent until its block is entered. The wrapper of a
+The SDKs' stream helpers (``client.chat.completions.stream(...)``, ``client.responses.stream
+(...)``, ``client.messages.stream(...)``) return a *manager*: nothing is sent until its block is entered. The wrapper of a
 manager meters the helper's raw event stream, so every way of reading it (events,
-``text_stream``, ``until_done()``, ``get_final_message()`` / ``get_final_completion()``)
-counts, once; leaving the block ends it.
+``text_stream``, ``until_done()``, ``get_final_message()`` / ``get_final_completion()`` /
+``get_final_response()``) counts, once; leaving the block ends it.
 
 One stream has one :class:`StreamMeter`, however many observers wait for its end (the
 instrumented client, ``@budget``, ``@cached``, the decorated call): wrapping a wrapped stream
@@ -39,6 +40,16 @@ _NOT_STREAMS = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
 
 OnEnd = Callable[["StreamTally", BaseException | None], None]
 
+# Responses API events whose delta is output text (counted for an estimate of a stream left
+# before its usage arrived).
+_RESPONSE_DELTAS = frozenset(
+    (
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+    )
+)
+
 HELPER_STREAMS: dict[str, tuple[str, tuple[str, ...]]] = {
     # The SDK helper streams a stream manager opens: "module:class" -> (the SDK's "not
     # given" value, the parse options the class takes besides the raw stream).
@@ -54,6 +65,14 @@ HELPER_STREAMS: dict[str, tuple[str, tuple[str, ...]]] = {
         "openai:omit",
         ("response_format", "input_tools"),
     ),
+    "openai.lib.streaming.responses:ResponseStream": (
+        "openai:omit",
+        ("text_format", "input_tools", "starting_after"),
+    ),
+    "openai.lib.streaming.responses:AsyncResponseStream": (
+        "openai:omit",
+        ("text_format", "input_tools", "starting_after"),
+    ),
 }
 _MANAGERS = {  # SDK stream manager class -> the helper stream it opens
     "MessageStreamManager": "anthropic.lib.streaming:MessageStream",
@@ -62,6 +81,8 @@ _MANAGERS = {  # SDK stream manager class -> the helper stream it opens
     "BetaAsyncMessageStreamManager": "anthropic.lib.streaming:BetaAsyncMessageStream",
     "ChatCompletionStreamManager": "openai.lib.streaming.chat:ChatCompletionStream",
     "AsyncChatCompletionStreamManager": "openai.lib.streaming.chat:AsyncChatCompletionStream",
+    "ResponseStreamManager": "openai.lib.streaming.responses:ResponseStream",
+    "AsyncResponseStreamManager": "openai.lib.streaming.responses:AsyncResponseStream",
 }
 
 
@@ -180,6 +201,8 @@ class StreamTally:
             usage = _get(chunk, "usage")
             if usage is not None:
                 self._usage = usage_from_usage_object(usage, self.model)
+        elif isinstance(kind, str) and kind.startswith("response."):  # OpenAI Responses API events
+            self._add_response_event(kind, chunk)
         elif kind == "message_start":  # Anthropic raw events
             message = _get(chunk, "message")
             self.model = _get(message, "model") or self.model
@@ -196,6 +219,24 @@ class StreamTally:
             output = _get(_get(chunk, "usage"), "output_tokens")
             if isinstance(output, int):
                 self._output = output
+
+    def _add_response_event(self, kind: str, event: Any) -> None:
+        """A Responses API event: the model from the response the lifecycle events carry
+        (``response.created``...), the text from the output deltas, the usage from the
+        response of the final event (``response.completed``, or ``response.incomplete`` /
+        ``response.failed``, which report what was billed too)."""
+        response = _get(event, "response")
+        if response is not None:
+            model = _get(response, "model")
+            if isinstance(model, str):
+                self.model = model
+            usage = _get(response, "usage")
+            if usage is not None:
+                self._usage = usage_from_usage_object(usage, self.model)
+        elif kind in _RESPONSE_DELTAS:
+            delta = _get(event, "delta")
+            if isinstance(delta, str):
+                self.parts.append(delta)
 
 
 # -- streams dropped unfinished ------------------------------------------------------------
