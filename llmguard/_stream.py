@@ -9,10 +9,11 @@ True}``, the Responses API's ``response.completed``, Anthropic ``message_start``
 ``message_delta``), else the text of the deltas for an estimate.
 
 The SDKs' stream helpers (``client.chat.completions.stream(...)``, ``client.responses.stream
-(...)``, ``client.messages.stream(...)``) return a *manager*: nothing is sent until its block is entered. The wrapper of a
-manager meters the helper's raw event stream, so every way of reading it (events,
-``text_stream``, ``until_done()``, ``get_final_message()`` / ``get_final_completion()`` /
-``get_final_response()``) counts, once; leaving the block ends it.
+(...)``, ``client.messages.stream(...)``) return a *manager*: nothing is sent until its block
+is entered. The wrapper of a manager meters the helper's raw event stream, so every way of
+reading it (events, ``text_stream``, ``until_done()``, ``get_final_message()`` /
+``get_final_completion()`` / ``get_final_response()``) counts, once; leaving the block ends
+it.
 
 One stream has one :class:`StreamMeter`, however many observers wait for its end (the
 instrumented client, ``@budget``, ``@cached``, the decorated call): wrapping a wrapped stream
