@@ -736,6 +736,12 @@ def _finish_stream(call: CallRecord, tally: StreamTally, error: BaseException | 
     _finish(call, tally.text, error)
 
 
+def stream_context(call: CallRecord) -> tuple[contextvars.ContextVar[Any], CallRecord]:
+    """What is set while a returned generator computes a chunk: its code runs as part of
+    ``call`` (its instrumented provider calls and nested decorated calls report there)."""
+    return _current, call
+
+
 def _metered_stream(call: CallRecord, result: Any) -> Any:
     """A returned stream, metered when the caller has consumed it. A generator's own code
     runs as the caller reads it: it runs as part of this call (its instrumented provider
@@ -744,7 +750,7 @@ def _metered_stream(call: CallRecord, result: Any) -> Any:
         result,
         functools.partial(_finish_stream, call),
         count_only=call.metering is not None,  # served: its cost is known
-        context=(_current, call),
+        context=stream_context(call),
     )
 
 

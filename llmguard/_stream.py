@@ -562,6 +562,232 @@ class AsyncMeteredStream(_Base):
         await self.aclose()
 
 
+# -- one stream, several readers (@debounced) -----------------------------------------------
+class SharedStream:
+    """One stream read by several callers (those of a ``@debounced`` burst): each gets its
+    own :meth:`reader`, which yields every chunk from the first, as they arrive; the reader
+    ahead pulls the next chunk from the stream for all, so none waits for another to read.
+    The stream keeps its one meter (the call that made it pays, once; every reader's
+    observers are told when it ends) and is closed when every reader has been closed, or
+    read to its end, or failed. A reader whose task is cancelled while it waits for a chunk
+    leaves: the chunk is still read for the others (the last one leaving ends the stream)."""
+
+    def __init__(self, stream: Any, readers: int, context: Context | None = None) -> None:
+        if isinstance(stream, _Base):
+            if stream._context is None and _lazy(stream._inner):
+                stream._context = context
+            source = stream
+        else:
+            meter = StreamMeter()
+            if not _lazy(stream):
+                context = None
+            kind = AsyncMeteredStream if hasattr(type(stream), "__anext__") else MeteredStream
+            source = kind(stream, meter, context)
+        self.source: Any = source  # a MeteredStream or an AsyncMeteredStream
+        self.asynchronous = isinstance(source, AsyncMeteredStream)
+        self.chunks: list[Any] = []
+        self.done = False
+        self.error: BaseException | None = None
+        self._open = readers  # readers not yet closed, finished or gone
+        self.cost: tuple[str | None, Any] | None = None  # (model, USD), set when metered
+        self._lock = threading.Lock()
+        self._pull = threading.Lock()  # sync: one reader at a time reads the stream
+        self._pulling: Any = None  # async: the task reading the next chunk, if one is
+
+    def reader(self) -> Any:
+        """A new reader: from the first chunk, then live."""
+        return (_AsyncSharedReader if self.asynchronous else _SharedReader)(self)
+
+    def release(self) -> bool:
+        """A reader leaves: True if it was the last and the stream is not over (the caller
+        then closes it)."""
+        with self._lock:
+            self._open -= 1
+            return self._open == 0 and not self.done
+
+    def abandon(self) -> None:
+        """Close the stream from where it cannot be awaited (every reader left): an async
+        one is closed by a task on the running loop, else ended with what was read."""
+        if not self.asynchronous:
+            self.source.close()
+            return
+        import asyncio
+
+        try:
+            asyncio.get_running_loop().create_task(self.source.aclose())
+        except RuntimeError:  # no loop: the stream is dropped, settle what was read now
+            self.source.meter.end(None)
+
+    def failure(self) -> BaseException:
+        """What a reader raises when the stream failed (in another reader's hands)."""
+        error = self.error
+        assert error is not None
+        if isinstance(error, Exception):
+            return error
+        failed = RuntimeError(
+            f"the stream shared by this burst of calls was interrupted ({type(error).__name__})"
+        )
+        failed.__cause__ = error
+        return failed
+
+    def took(self, task: Any) -> None:
+        """The async pull ``task`` is over: its chunk (or the end, or the failure) is
+        recorded once, whoever awaited it."""
+        if self._pulling is not task:
+            return
+        self._pulling = None
+        if task.cancelled():
+            import asyncio
+
+            self.done, self.error = True, asyncio.CancelledError()
+            return
+        error = task.exception()
+        if error is not None:
+            self.done, self.error = True, error
+            return
+        more, chunk = task.result()
+        if more:
+            self.chunks.append(chunk)
+        else:
+            self.done = True
+
+
+async def _next_chunk(source: Any) -> tuple[bool, Any]:
+    try:
+        return True, await source.__anext__()
+    except StopAsyncIteration:
+        return False, None
+
+
+class _Reader(_Base):
+    """One caller's reader of a :class:`SharedStream`: its observers are the stream's."""
+
+    def __init__(self, shared: SharedStream) -> None:
+        super().__init__(shared.source, shared.source.meter)
+        self._shared = shared
+        self._position = 0
+        self._left = False
+
+    def _leave(self) -> bool:
+        """This reader is done: True if the stream is to be closed now (see release)."""
+        if self._left:
+            return False
+        self._left = True
+        return self._shared.release()
+
+    def _buffered(self) -> tuple[bool, Any]:
+        """(True, the next chunk) if it has been read already, else (False, None)."""
+        position = self._position
+        chunks = self._shared.chunks
+        if position < len(chunks):
+            self._position = position + 1
+            return True, chunks[position]
+        return False, None
+
+    def _over(self) -> BaseException | None:
+        """The stream is over and this reader has had it all: what to raise if it failed."""
+        self._leave()
+        return None if self._shared.error is None else self._shared.failure()
+
+
+class _SharedReader(_Reader):
+    """A reader of a sync :class:`SharedStream` (readers in several threads)."""
+
+    def __iter__(self) -> _SharedReader:
+        return self
+
+    def __next__(self) -> Any:
+        shared = self._shared
+        while not self._left:
+            found, chunk = self._buffered()
+            if found:
+                return chunk
+            if shared.done:
+                error = self._over()
+                if error is not None:
+                    raise error
+                break
+            with shared._pull:
+                if self._position < len(shared.chunks) or shared.done:
+                    continue  # another reader read it meanwhile
+                try:
+                    chunk = next(shared.source)
+                except StopIteration:
+                    shared.done = True
+                    continue
+                except BaseException as exc:
+                    shared.done, shared.error = True, exc
+                    self._leave()
+                    raise
+                shared.chunks.append(chunk)
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop reading: the stream is closed once every reader has stopped."""
+        if self._leave():
+            self._shared.source.close()
+
+    def __enter__(self) -> _SharedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _AsyncSharedReader(_Reader):
+    """A reader of an async :class:`SharedStream` (every reader on one event loop)."""
+
+    def __aiter__(self) -> _AsyncSharedReader:
+        return self
+
+    async def __anext__(self) -> Any:
+        import asyncio
+
+        shared = self._shared
+        while not self._left:
+            found, chunk = self._buffered()
+            if found:
+                return chunk
+            if shared.done:
+                error = self._over()
+                if error is not None:
+                    raise error
+                break
+            pulling = shared._pulling
+            if pulling is None:
+                pulling = shared._pulling = asyncio.ensure_future(_next_chunk(shared.source))
+                pulling.add_done_callback(shared.took)
+            try:  # shielded: a reader cancelled here leaves, the others read on
+                await asyncio.shield(pulling)
+            except asyncio.CancelledError:
+                if self._leave():  # the last reader: nobody reads the rest
+                    pulling.cancel()
+                raise
+            except BaseException:
+                pass  # the stream failed: recorded by took(), raised by _over()
+            shared.took(pulling)
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop reading: the stream is closed once every reader has stopped."""
+        if self._leave():
+            import asyncio
+
+            pulling = self._shared._pulling
+            if pulling is not None:  # a chunk being read for a reader that left
+                pulling.cancel()
+                await asyncio.wait([pulling])
+            await self._shared.source.aclose()
+
+    close = aclose
+
+    async def __aenter__(self) -> _AsyncSharedReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
 class ManagedStream:
     """An SDK stream helper's manager, metered: entering it sends the request and meters the
     helper's raw event stream (so events, ``text_stream``, ``until_done()`` and
