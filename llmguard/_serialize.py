@@ -244,10 +244,7 @@ def unchunk(item: tuple[list[Any], bytes]) -> Any:
     except ValueError:  # pydantic's ValidationError
         if not _sdk_model(cls):
             raise
-        # What the provider sent, which the SDK took without validating (it builds events
-        # with its own recursive construct): a field its models declare required may be
-        # missing (an older SDK stored it, a proxy or another provider left it out).
-        return cls.construct(**json.loads(data))
+        return cls.construct(**json.loads(data))  # as the SDK built it: see _rebuild
 
 
 def _sdk_model(cls: Any) -> bool:
@@ -279,7 +276,16 @@ def _model_class(path: str) -> Any:
 
 
 def _rebuild(path: str, data: Any) -> Any:
-    return _model_class(path).model_validate(data)
+    cls = _model_class(path)
+    try:
+        return cls.model_validate(data)
+    except ValueError:  # pydantic's ValidationError
+        if not _sdk_model(cls) or not isinstance(data, dict):
+            raise
+        # What the provider sent, which the SDK took without validating (it builds its
+        # responses with its own recursive construct): a field its models declare required
+        # may be missing (a proxy or another provider left it out, an older SDK stored it).
+        return cls.construct(**data)
 
 
 def helper_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -244,6 +244,22 @@ def test_returned_responses_api_stream_and_helper(
     assert len(events.calls) == 2
 
 
+def test_a_cached_responses_api_answer_is_served_what_the_provider_sent(
+    mock: Mock, events: CapturedEvents
+) -> None:
+    client = mock.openai()
+
+    @llmguard.cached
+    def ask(question: str) -> Any:
+        return client.responses.create(model=GPT, input=question)
+
+    first, again = ask("hello there"), ask("hello there")
+    assert again.output_text == first.output_text == TEXT
+    assert again.usage.input_tokens == INPUT
+    assert [e["cache"] for e in events.calls] == ["miss", "hit"]
+    assert mock.server.history.count() == 1
+
+
 def test_a_cached_responses_api_stream_replays_what_the_provider_sent(
     flavour: str, mock: Mock, events: CapturedEvents
 ) -> None:
