@@ -2,8 +2,8 @@
 
 The mock is someone else's reading of the OpenAI and Anthropic wire formats, served by uvicorn
 on a free loopback port; each answer reports the usage its rule sets (123 input, 45 output
-tokens here), so whatever llmguard meters can be compared with exact numbers. A known library
-bug it shows is ``xfail(strict=True)``: it starts failing once fixed, to drop the marker.
+tokens here), so whatever llmguard meters can be compared with exact numbers. A library bug it
+shows is marked ``xfail(strict=True)`` until it is fixed (the marker then fails: drop it).
 """
 
 from __future__ import annotations
