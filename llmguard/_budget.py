@@ -340,6 +340,14 @@ class _BudgetLayer:
         model, estimate = self.estimate(call)
         call.fields["budget"] = name
         if estimate is None:
+            if self.unknown_price == "refuse" and model is None:
+                raise PriceUnknown(
+                    f"budget {name!r} cannot be enforced on {call.spec.name}: it names no "
+                    "model (no model argument, no default, no @budget(model=...)), so its "
+                    "worst case cannot be priced. Pass @budget(model=...) with the model its "
+                    "calls use, or unknown_price='allow' to reserve only the largest cost seen "
+                    "(a function whose nested calls do the spending: they are charged too)"
+                )
             if self.unknown_price == "refuse":
                 raise PriceUnknown(
                     f"budget {name!r} cannot be enforced: no price for model {model!r}. Add one "
@@ -445,50 +453,56 @@ class _BudgetLayer:
             )
             rid = ""  # "warn": proceed unreserved, and record what it spends
         reported_before = len(call.usages)  # an outer layer may run this call again
+        ledger_id = (name, key)
+        children = call.children_mark(ledger_id)  # nested decorated calls spend too
         settle = functools.partial(
             self._settle_and_learn, call, name, key, ledger_key, rid or None, model, amount
         )
+
+        def charge(known: Decimal | None) -> Decimal:
+            """What to charge: this attempt's own cost (``known``, else the worst case
+            reserved) and what its nested calls spent that no budget on this ledger
+            charged; recorded, so that a budget on it over an enclosing call does not
+            charge it again."""
+            nested = call.children_unsettled(children, ledger_id)
+            call.add_settled(ledger_id, (known or Decimal(0)) + nested)
+            return (known if known is not None else estimate) + nested
+
         try:
             result = yield PROCEED
         except BaseException as exc:  # interrupts and cancellations release it too
-            cost = self._attempt_cost(call, None, exc, reported_before, estimate)
+            cost = charge(self._attempt_cost(call, None, exc, reported_before))
             yield from settle(_pico(cost), ttl, start, end, learn=cost > 0)
             raise
         if is_stream(result):  # hold the reservation until the stream has been consumed
 
             def at_end(tally: StreamTally, error: BaseException | None) -> None:
                 try:
-                    cost = call.streamed_cost(tally, error, reported_before)
-                    actual = _pico(cost if cost is not None else estimate)
-                    _run_inline(settle(actual, ttl, start, end))
+                    cost = charge(call.streamed_cost(tally, error, reported_before))
+                    _run_inline(settle(_pico(cost), ttl, start, end))
                 finally:
                     if probe is not None:
                         self._end_probe(probe)
 
             handoff[0] = True
             return wrap_stream(result, at_end)
-        cost = self._attempt_cost(call, result, None, reported_before, estimate)
+        cost = charge(self._attempt_cost(call, result, None, reported_before))
         yield from settle(_pico(cost), ttl, start, end)
         return result
 
     @staticmethod
     def _attempt_cost(
-        call: CallRecord,
-        result: Any,
-        error: BaseException | None,
-        reported_before: int,
-        estimate: Decimal,
-    ) -> Decimal:
-        """What this attempt cost: the usage it reported, else nothing if it failed, else
-        the call's metering (an estimate), else the reserved worst case."""
+        call: CallRecord, result: Any, error: BaseException | None, reported_before: int
+    ) -> Decimal | None:
+        """What this attempt cost itself: the usage it reported, else nothing if it failed,
+        else the call's metering (an estimate; nothing if nested decorated calls made its
+        provider calls); None if unknown (a model without a price)."""
         metering = call.meter(result, error)  # also takes in the result's own usage
         if len(call.usages) > reported_before:
-            cost = call.usage_totals(since=reported_before)[1]
-        elif error is not None:
+            return call.usage_totals(since=reported_before)[1]
+        if error is not None:
             return Decimal(0)  # nothing was billed: release the reservation
-        else:
-            cost = metering.cost
-        return cost if cost is not None else estimate
+        return metering.cost
 
     def _settle(
         self,
@@ -701,7 +715,8 @@ class _BudgetLayer:
                     "reserved_usd": float(usd_of(amount)),
                     "cost_usd": float(usd_of(actual)),
                     "hint": f"{call.spec.name} cost more than {_UNDERESTIMATE}x what its "
-                    "arguments showed: it sends a prompt they do not contain. Pass "
+                    "arguments showed: it sends a prompt they do not contain (or the "
+                    "decorated functions it calls spend more than it reserves). Pass "
                     "@budget(prompt=lambda *args, **kwargs: <the prompt text or messages>) so "
                     "each call reserves its real worst case; until then its calls reserve the "
                     "largest cost seen",

@@ -4,10 +4,16 @@ For UI-driven calls such as summarize-as-you-type: calls with the same key that 
 within ``wait`` seconds of each other make one provider call, with the arguments of the
 last of them, once the burst has been quiet for ``wait``; every caller of the burst gets that
 result (or its exception). Within one process, for threads and asyncio tasks.
+
+A function returning a stream: every caller of the burst gets its own reader of the one
+stream, yielding every chunk from the first, as the chunks arrive (the reader ahead reads for
+all, so no caller waits for another to read); see ``SharedStream``. A stream helper's manager
+(entered by one caller) is refused before it is sent.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -25,15 +31,19 @@ from ._pipeline import (
     Sleep,
     UserFunction,
     check_options,
+    full_name,
     guard,
+    original,
+    stream_context,
 )
+from ._stream import SharedStream, StreamTally, discard, is_stream, is_stream_manager, manager_name
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 class _Burst:
-    __slots__ = ("args", "closed", "deadline", "flight", "kwargs")
+    __slots__ = ("args", "callers", "closed", "deadline", "flight", "kwargs", "shared")
 
     def __init__(self, flight: Flight) -> None:
         self.flight = flight
@@ -41,6 +51,8 @@ class _Burst:
         self.deadline = 0.0
         self.args: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = {}
+        self.callers = 1  # the leader and the followers waiting for its outcome
+        self.shared: SharedStream | None = None  # the leader's stream, one reader per caller
 
 
 class _DebounceLayer:
@@ -69,14 +81,23 @@ class _DebounceLayer:
             leader = burst is None or burst.closed or burst.flight.loop is not loop
             if leader:
                 burst = self._bursts[key] = _Burst(Flight(loop))
+            else:
+                assert burst is not None
+                burst.callers += 1
             assert burst is not None
             burst.args, burst.kwargs = call.args, call.kwargs
             burst.deadline = self.clock() + self.wait
         flight = burst.flight
         if not leader:
-            ok, value, cost, model = yield Call(
-                lambda: flight.wait(None), lambda: flight.wait_async(None)
-            )
+            try:
+                ok, value, cost, model = yield Call(
+                    lambda: flight.wait(None), lambda: flight.wait_async(None)
+                )
+            except BaseException:  # cancelled or interrupted while waiting: no reader taken
+                self._leave(burst)
+                raise
+            if ok and isinstance(value, SharedStream):
+                return self._follow(call, value, model)
             if ok:
                 call.fields["debounced"] = True
                 call.serve_cached(model, cost, source="debounced")
@@ -100,6 +121,18 @@ class _DebounceLayer:
             except Exception as exc:
                 flight.finish(False, exc)
                 raise
+            if is_stream_manager(result):  # refused before its request is sent
+                refusal = TypeError(
+                    f"@debounced cannot share the {manager_name(result)} returned by "
+                    f"{call.spec.name} among the callers of a burst: a stream helper's manager "
+                    "is entered by one caller. Nothing was sent. Return the raw stream "
+                    "(create(stream=True)) instead: every caller then reads it."
+                )
+                discard(result)
+                flight.finish(False, refusal)
+                raise refusal
+            if is_stream(result):
+                return self._lead_stream(call, burst, result)
             metering = call.meter(result)
             flight.finish(True, result, metering.cost, metering.model)
             return result
@@ -109,6 +142,50 @@ class _DebounceLayer:
                 if self._bursts.get(key) is burst:
                     del self._bursts[key]
             flight.finish(None, None)
+
+    def _lead_stream(self, call: CallRecord, burst: _Burst, stream: Any) -> Any:
+        """The leader's stream, shared: every caller of the burst reads all of it, as it
+        arrives (see SharedStream); one provider call, metered once, for the leader."""
+        with self._lock:
+            callers = burst.callers
+            if callers > 1:
+                shared = burst.shared = SharedStream(stream, callers, stream_context(call))
+        if callers == 1:
+            burst.flight.finish(None, None)  # nobody waits: nothing to share
+            return stream
+        reader = shared.reader()  # taken first: the leader's observers are told first
+
+        def cost(tally: StreamTally, error: BaseException | None) -> None:
+            shared.cost = call.stream_cost(tally, error)  # what the followers saved
+
+        reader.meter.listen(cost)
+        burst.flight.finish(True, shared, None, call.requested_model())
+        return reader
+
+    def _leave(self, burst: _Burst) -> None:
+        """A follower gives up before it took its reader of the leader's stream."""
+        with self._lock:
+            shared = burst.shared
+            if shared is None:
+                burst.callers -= 1
+                return
+        if shared.release():  # the others are done with it already
+            shared.abandon()
+
+    @staticmethod
+    def _follow(call: CallRecord, shared: SharedStream, model: str | None) -> Any:
+        """A follower's reader of the leader's stream; its event (``cost_usd=0``) says what
+        the stream cost the leader (``saved_usd``) once it is over."""
+        call.fields["debounced"] = True
+        call.serve_cached(model, None, source="debounced")
+        reader = shared.reader()
+
+        def saved(tally: StreamTally, error: BaseException | None) -> None:
+            if shared.cost is not None:
+                call.serve_cached(shared.cost[0], shared.cost[1], source="debounced")
+
+        reader.meter.listen(saved)
+        return reader
 
 
 def debounced(
@@ -128,7 +205,10 @@ def debounced(
     the function) arriving within ``wait`` seconds of each other make one call, ``wait``
     seconds after the last of them, with that last call's arguments; every caller gets its
     result (or its exception). The executing call's event is an ordinary one; the others log
-    ``debounced=True``, ``cost_usd=0`` and ``cost_source="debounced"``::
+    ``debounced=True``, ``cost_usd=0`` and ``cost_source="debounced"``. A returned stream is
+    read by every caller, each from its own reader, live; a stream helper's manager is
+    refused (``TypeError``, nothing sent); an async generator function is refused at
+    decoration (``async def`` returning the generator works)::
 
         @llmguard.debounced(wait=0.3, key=lambda user, text: user)
         async def suggest(user: str, text: str) -> str: ...
@@ -150,6 +230,14 @@ def debounced(
     layer = _DebounceLayer(wait=wait_s, key=key, clock=clock, sleep=sleep, async_sleep=async_sleep)
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        target = original(getattr(func, "__func__", func))
+        if inspect.isasyncgenfunction(target):
+            raise ConfigurationError(
+                f"@debounced cannot wait for a burst to end in {full_name(target)}, an async "
+                "generator function: its calls are not awaited, so waiting would block the "
+                "event loop. Make it an 'async def' that returns the generator (or the "
+                "provider's stream): every caller of a burst then reads the one stream"
+            )
         return guard(func, decorator="debounced", layer=layer, options=options)  # type: ignore[no-any-return]
 
     return decorate

@@ -30,6 +30,7 @@ _TARGETS = (
     (("beta", "chat", "completions"), "stream"),
     (("responses",), "create"),
     (("responses",), "parse"),
+    (("responses",), "stream"),
     (("messages",), "create"),
     (("messages",), "stream"),
     (("beta", "messages"), "create"),
@@ -91,7 +92,7 @@ def instrument(client: C) -> C:
     """Report the real usage of ``client``'s calls to the decorated call they happen in.
 
     Works on ``openai.OpenAI`` / ``AsyncOpenAI`` (chat completions: ``create``, ``parse``,
-    ``stream``, also under ``beta``; the Responses API: ``create``, ``parse``) and
+    ``stream``, also under ``beta``; the Responses API: ``create``, ``parse``, ``stream``) and
     ``anthropic.Anthropic`` / ``AsyncAnthropic`` (messages: ``create``, ``stream``, also
     under ``beta``). Streams are reported when they end, each once.
     Patches this client instance only (clients derived later with ``with_options()`` are

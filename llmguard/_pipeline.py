@@ -331,6 +331,7 @@ class CallRecord:
         "options",
         "parent",
         "reported_ids",
+        "settled",
         "spec",
         "started",
         "usages",
@@ -362,6 +363,9 @@ class CallRecord:
         self.last_metering: tuple[Any, BaseException | None, int, Metering] | None = None
         self.children = 0
         self.children_cost = _ZERO
+        # What budgets already charged for this call and the calls made inside it, per
+        # budget ledger ((name, key)): a budget over an enclosing call charges only the rest.
+        self.settled: dict[tuple[str, str | None], Decimal] = {}
         self.started = time.perf_counter()
         self.watches: list[CallWatch] | None = None
 
@@ -454,18 +458,51 @@ class CallRecord:
         self, tally: StreamTally, error: BaseException | None, since: int
     ) -> Decimal | None:
         """What this call spent from its ``since``-th usage report on, the stream it returned
-        included once (its usage may already be among the reports: see StreamTally.claim);
-        as the event counts it, a stream without usage is estimated only if nothing reported
-        real usage (a generator reading an instrumented stream, say)."""
+        included once (its usage may already be among the reports: see StreamTally.claim,
+        or a nested call's); as the event counts it, a stream without usage is estimated
+        only if nothing reported real usage (a generator reading an instrumented stream,
+        say) and no nested decorated call was made (they paid: see children_unsettled)."""
         reported = len(self.usages) > since
-        if tally.owner is self or (reported and tally.usage is None):
-            cost: Decimal | None = _ZERO  # among the reports (as the event counts it)
+        owner = tally.owner
+        if owner is self or ((reported or self.children) and tally.usage is None):
+            # among the reports, or the nested calls paid (as the event counts it)
+            cost: Decimal | None = _ZERO
+        elif isinstance(owner, CallRecord) and _within(owner, self):
+            cost = _ZERO  # a nested decorated call counted it: among the children's cost
         else:
             cost = self.stream_cost(tally, error)[1]
         if reported:
             part = self.usage_totals(since)[1]
             cost = None if cost is None or part is None else cost + part
         return cost
+
+    def children_mark(self, ledger: tuple[str, str | None]) -> tuple[Decimal, Decimal]:
+        """Where the nested calls' spend stands now: the cost of the decorated calls made
+        inside this one that have finished, and what ``ledger`` was charged for them (see
+        :meth:`children_unsettled`)."""
+        with _children_lock:
+            return self.children_cost, self.settled.get(ledger, _ZERO)
+
+    def children_unsettled(
+        self, mark: tuple[Decimal, Decimal], ledger: tuple[str, str | None]
+    ) -> Decimal:
+        """What the decorated calls made inside this one spent since ``mark`` (they, and the
+        calls inside them, finished since), less what a budget on ``ledger`` among them
+        already charged for it: what a budget on ``ledger`` over this call has to charge for
+        its nested calls. (A nested call whose model has no price adds nothing.)"""
+        cost, settled = mark
+        with _children_lock:
+            spent = self.children_cost - cost
+            charged = self.settled.get(ledger, _ZERO) - settled
+        return max(spent - charged, _ZERO)
+
+    def add_settled(self, ledger: tuple[str, str | None], cost: Decimal) -> None:
+        """A budget on ``ledger`` charged ``cost`` (of what this call's event and its nested
+        calls' events count) for this call: a budget on the same ledger over an enclosing
+        call will not charge it again."""
+        if cost > 0:
+            with _children_lock:
+                self.settled[ledger] = self.settled.get(ledger, _ZERO) + cost
 
     def output_budget(self, default: int) -> int:
         """The output tokens this call asks for at most: its ``max_tokens``,
@@ -669,6 +706,16 @@ def _estimate(call: CallRecord, result: Any) -> tuple[str | None, int, int, str]
     return model, input_tokens, output_tokens, counter.method
 
 
+def _within(call: CallRecord, outer: CallRecord) -> bool:
+    """Whether ``call`` was made (directly or not) inside ``outer``."""
+    parent = call.parent
+    while parent is not None:
+        if parent is outer:
+            return True
+        parent = parent.parent
+    return False
+
+
 def _finish(call: CallRecord, result: Any, error: BaseException | None) -> None:
     """Settle usage and cost, tell the parent call, emit the ``llm_call`` event."""
     latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
@@ -770,6 +817,12 @@ def _finish_stream(call: CallRecord, tally: StreamTally, error: BaseException | 
     _finish(call, tally.text, error)
 
 
+def stream_context(call: CallRecord) -> tuple[contextvars.ContextVar[Any], CallRecord]:
+    """What is set while a returned generator computes a chunk: its code runs as part of
+    ``call`` (its instrumented provider calls and nested decorated calls report there)."""
+    return _current, call
+
+
 def _metered_stream(call: CallRecord, result: Any) -> Any:
     """A returned stream, metered when the caller has consumed it. A generator's own code
     runs as the caller reads it: it runs as part of this call (its instrumented provider
@@ -778,7 +831,7 @@ def _metered_stream(call: CallRecord, result: Any) -> Any:
         result,
         functools.partial(_finish_stream, call),
         count_only=call.metering is not None,  # served: its cost is known
-        context=(_current, call),
+        context=stream_context(call),
     )
 
 
@@ -790,6 +843,8 @@ def _event_fields(call: CallRecord, result: Any, error: BaseException | None) ->
         with _children_lock:
             parent.children += 1
             parent.children_cost += (cost or _ZERO) + call.children_cost
+            for ledger, charged in call.settled.items():
+                parent.settled[ledger] = parent.settled.get(ledger, _ZERO) + charged
     fields: dict[str, Any] = {
         "function": call.spec.name,
         "call_id": call.call_id,

@@ -238,7 +238,22 @@ def unchunk(item: tuple[list[Any], bytes]) -> Any:
     number, _, data = line.partition(b" ")
     if number == b"-":
         return _untag(json.loads(data))
-    return classes[int(number)].model_validate_json(data)
+    cls = classes[int(number)]
+    try:
+        return cls.model_validate_json(data)
+    except ValueError:  # pydantic's ValidationError
+        if not _sdk_model(cls):
+            raise
+        return cls.construct(**json.loads(data))  # as the SDK built it: see _rebuild
+
+
+def _sdk_model(cls: Any) -> bool:
+    """Whether ``cls`` is an ``openai`` / ``anthropic`` model, built by its SDK's own
+    recursive ``construct`` (no validation) from what the provider sends."""
+    for base in cls.__mro__:
+        if "construct" in vars(base):
+            return str(base.__module__).partition(".")[0] in ("openai", "anthropic")
+    return False
 
 
 _classes: dict[str, Any] = {}
@@ -261,7 +276,16 @@ def _model_class(path: str) -> Any:
 
 
 def _rebuild(path: str, data: Any) -> Any:
-    return _model_class(path).model_validate(data)
+    cls = _model_class(path)
+    try:
+        return cls.model_validate(data)
+    except ValueError:  # pydantic's ValidationError
+        if not _sdk_model(cls) or not isinstance(data, dict):
+            raise
+        # What the provider sent, which the SDK took without validating (it builds its
+        # responses with its own recursive construct): a field its models declare required
+        # may be missing (a proxy or another provider left it out, an older SDK stored it).
+        return cls.construct(**data)
 
 
 def helper_options(options: dict[str, Any]) -> dict[str, Any]:

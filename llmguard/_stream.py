@@ -1,17 +1,19 @@
 """Streams: chunks pass through unchanged, as they arrive; the call is metered once, at the end.
 
 A decorated function that returns a stream (an ``openai`` ``Stream``/``AsyncStream`` of
-chat chunks, an ``anthropic`` event stream, any iterator or async iterator of chunks) gets
-back a wrapper that yields the same chunks. When the stream ends, is closed early, fails, or
-is dropped unfinished (garbage-collected), the wrapper reports what was consumed: the usage
-the provider sent (OpenAI ``stream_options={"include_usage": True}``, Anthropic
-``message_start`` / ``message_delta``), else the text of the deltas for an estimate.
+chat chunks or of Responses API events, an ``anthropic`` event stream, any iterator or async
+iterator of chunks) gets back a wrapper that yields the same chunks. When the stream ends, is
+closed early, fails, or is dropped unfinished (garbage-collected), the wrapper reports what
+was consumed: the usage the provider sent (OpenAI ``stream_options={"include_usage":
+True}``, the Responses API's ``response.completed``, Anthropic ``message_start`` /
+``message_delta``), else the text of the deltas for an estimate.
 
-The SDKs' stream helpers (``client.chat.completions.stream(...)``, ``client.messages.stream
-(...)``) return a *manager*: nothing is sent until its block is entered. The wrapper of a
-manager meters the helper's raw event stream, so every way of reading it (events,
-``text_stream``, ``until_done()``, ``get_final_message()`` / ``get_final_completion()``)
-counts, once; leaving the block ends it.
+The SDKs' stream helpers (``client.chat.completions.stream(...)``, ``client.responses.stream
+(...)``, ``client.messages.stream(...)``) return a *manager*: nothing is sent until its block
+is entered. The wrapper of a manager meters the helper's raw event stream, so every way of
+reading it (events, ``text_stream``, ``until_done()``, ``get_final_message()`` /
+``get_final_completion()`` / ``get_final_response()``) counts, once; leaving the block ends
+it.
 
 One stream has one :class:`StreamMeter`, however many observers wait for its end (the
 instrumented client, ``@budget``, ``@cached``, the decorated call): wrapping a wrapped stream
@@ -39,6 +41,16 @@ _NOT_STREAMS = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
 
 OnEnd = Callable[["StreamTally", BaseException | None], None]
 
+# Responses API events whose delta is output text (counted for an estimate of a stream left
+# before its usage arrived).
+_RESPONSE_DELTAS = frozenset(
+    (
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+    )
+)
+
 HELPER_STREAMS: dict[str, tuple[str, tuple[str, ...]]] = {
     # The SDK helper streams a stream manager opens: "module:class" -> (the SDK's "not
     # given" value, the parse options the class takes besides the raw stream).
@@ -54,6 +66,14 @@ HELPER_STREAMS: dict[str, tuple[str, tuple[str, ...]]] = {
         "openai:omit",
         ("response_format", "input_tools"),
     ),
+    "openai.lib.streaming.responses:ResponseStream": (
+        "openai:omit",
+        ("text_format", "input_tools", "starting_after"),
+    ),
+    "openai.lib.streaming.responses:AsyncResponseStream": (
+        "openai:omit",
+        ("text_format", "input_tools", "starting_after"),
+    ),
 }
 _MANAGERS = {  # SDK stream manager class -> the helper stream it opens
     "MessageStreamManager": "anthropic.lib.streaming:MessageStream",
@@ -62,6 +82,8 @@ _MANAGERS = {  # SDK stream manager class -> the helper stream it opens
     "BetaAsyncMessageStreamManager": "anthropic.lib.streaming:BetaAsyncMessageStream",
     "ChatCompletionStreamManager": "openai.lib.streaming.chat:ChatCompletionStream",
     "AsyncChatCompletionStreamManager": "openai.lib.streaming.chat:AsyncChatCompletionStream",
+    "ResponseStreamManager": "openai.lib.streaming.responses:ResponseStream",
+    "AsyncResponseStreamManager": "openai.lib.streaming.responses:AsyncResponseStream",
 }
 
 
@@ -180,6 +202,8 @@ class StreamTally:
             usage = _get(chunk, "usage")
             if usage is not None:
                 self._usage = usage_from_usage_object(usage, self.model)
+        elif isinstance(kind, str) and kind.startswith("response."):  # OpenAI Responses API events
+            self._add_response_event(kind, chunk)
         elif kind == "message_start":  # Anthropic raw events
             message = _get(chunk, "message")
             self.model = _get(message, "model") or self.model
@@ -196,6 +220,24 @@ class StreamTally:
             output = _get(_get(chunk, "usage"), "output_tokens")
             if isinstance(output, int):
                 self._output = output
+
+    def _add_response_event(self, kind: str, event: Any) -> None:
+        """A Responses API event: the model from the response the lifecycle events carry
+        (``response.created``...), the text from the output deltas, the usage from the
+        response of the final event (``response.completed``, or ``response.incomplete`` /
+        ``response.failed``, which report what was billed too)."""
+        response = _get(event, "response")
+        if response is not None:
+            model = _get(response, "model")
+            if isinstance(model, str):
+                self.model = model
+            usage = _get(response, "usage")
+            if usage is not None:
+                self._usage = usage_from_usage_object(usage, self.model)
+        elif kind in _RESPONSE_DELTAS:
+            delta = _get(event, "delta")
+            if isinstance(delta, str):
+                self.parts.append(delta)
 
 
 # -- streams dropped unfinished ------------------------------------------------------------
@@ -514,6 +556,232 @@ class AsyncMeteredStream(_Base):
     close = aclose
 
     async def __aenter__(self) -> AsyncMeteredStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+# -- one stream, several readers (@debounced) -----------------------------------------------
+class SharedStream:
+    """One stream read by several callers (those of a ``@debounced`` burst): each gets its
+    own :meth:`reader`, which yields every chunk from the first, as they arrive; the reader
+    ahead pulls the next chunk from the stream for all, so none waits for another to read.
+    The stream keeps its one meter (the call that made it pays, once; every reader's
+    observers are told when it ends) and is closed when every reader has been closed, or
+    read to its end, or failed. A reader whose task is cancelled while it waits for a chunk
+    leaves: the chunk is still read for the others (the last one leaving ends the stream)."""
+
+    def __init__(self, stream: Any, readers: int, context: Context | None = None) -> None:
+        if isinstance(stream, _Base):
+            if stream._context is None and _lazy(stream._inner):
+                stream._context = context
+            source = stream
+        else:
+            meter = StreamMeter()
+            if not _lazy(stream):
+                context = None
+            kind = AsyncMeteredStream if hasattr(type(stream), "__anext__") else MeteredStream
+            source = kind(stream, meter, context)
+        self.source: Any = source  # a MeteredStream or an AsyncMeteredStream
+        self.asynchronous = isinstance(source, AsyncMeteredStream)
+        self.chunks: list[Any] = []
+        self.done = False
+        self.error: BaseException | None = None
+        self._open = readers  # readers not yet closed, finished or gone
+        self.cost: tuple[str | None, Any] | None = None  # (model, USD), set when metered
+        self._lock = threading.Lock()
+        self._pull = threading.Lock()  # sync: one reader at a time reads the stream
+        self._pulling: Any = None  # async: the task reading the next chunk, if one is
+
+    def reader(self) -> Any:
+        """A new reader: from the first chunk, then live."""
+        return (_AsyncSharedReader if self.asynchronous else _SharedReader)(self)
+
+    def release(self) -> bool:
+        """A reader leaves: True if it was the last and the stream is not over (the caller
+        then closes it)."""
+        with self._lock:
+            self._open -= 1
+            return self._open == 0 and not self.done
+
+    def abandon(self) -> None:
+        """Close the stream from where it cannot be awaited (every reader left): an async
+        one is closed by a task on the running loop, else ended with what was read."""
+        if not self.asynchronous:
+            self.source.close()
+            return
+        import asyncio
+
+        try:
+            asyncio.get_running_loop().create_task(self.source.aclose())
+        except RuntimeError:  # no loop: the stream is dropped, settle what was read now
+            self.source.meter.end(None)
+
+    def failure(self) -> BaseException:
+        """What a reader raises when the stream failed (in another reader's hands)."""
+        error = self.error
+        assert error is not None
+        if isinstance(error, Exception):
+            return error
+        failed = RuntimeError(
+            f"the stream shared by this burst of calls was interrupted ({type(error).__name__})"
+        )
+        failed.__cause__ = error
+        return failed
+
+    def took(self, task: Any) -> None:
+        """The async pull ``task`` is over: its chunk (or the end, or the failure) is
+        recorded once, whoever awaited it."""
+        if self._pulling is not task:
+            return
+        self._pulling = None
+        if task.cancelled():
+            import asyncio
+
+            self.done, self.error = True, asyncio.CancelledError()
+            return
+        error = task.exception()
+        if error is not None:
+            self.done, self.error = True, error
+            return
+        more, chunk = task.result()
+        if more:
+            self.chunks.append(chunk)
+        else:
+            self.done = True
+
+
+async def _next_chunk(source: Any) -> tuple[bool, Any]:
+    try:
+        return True, await source.__anext__()
+    except StopAsyncIteration:
+        return False, None
+
+
+class _Reader(_Base):
+    """One caller's reader of a :class:`SharedStream`: its observers are the stream's."""
+
+    def __init__(self, shared: SharedStream) -> None:
+        super().__init__(shared.source, shared.source.meter)
+        self._shared = shared
+        self._position = 0
+        self._left = False
+
+    def _leave(self) -> bool:
+        """This reader is done: True if the stream is to be closed now (see release)."""
+        if self._left:
+            return False
+        self._left = True
+        return self._shared.release()
+
+    def _buffered(self) -> tuple[bool, Any]:
+        """(True, the next chunk) if it has been read already, else (False, None)."""
+        position = self._position
+        chunks = self._shared.chunks
+        if position < len(chunks):
+            self._position = position + 1
+            return True, chunks[position]
+        return False, None
+
+    def _over(self) -> BaseException | None:
+        """The stream is over and this reader has had it all: what to raise if it failed."""
+        self._leave()
+        return None if self._shared.error is None else self._shared.failure()
+
+
+class _SharedReader(_Reader):
+    """A reader of a sync :class:`SharedStream` (readers in several threads)."""
+
+    def __iter__(self) -> _SharedReader:
+        return self
+
+    def __next__(self) -> Any:
+        shared = self._shared
+        while not self._left:
+            found, chunk = self._buffered()
+            if found:
+                return chunk
+            if shared.done:
+                error = self._over()
+                if error is not None:
+                    raise error
+                break
+            with shared._pull:
+                if self._position < len(shared.chunks) or shared.done:
+                    continue  # another reader read it meanwhile
+                try:
+                    chunk = next(shared.source)
+                except StopIteration:
+                    shared.done = True
+                    continue
+                except BaseException as exc:
+                    shared.done, shared.error = True, exc
+                    self._leave()
+                    raise
+                shared.chunks.append(chunk)
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop reading: the stream is closed once every reader has stopped."""
+        if self._leave():
+            self._shared.source.close()
+
+    def __enter__(self) -> _SharedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _AsyncSharedReader(_Reader):
+    """A reader of an async :class:`SharedStream` (every reader on one event loop)."""
+
+    def __aiter__(self) -> _AsyncSharedReader:
+        return self
+
+    async def __anext__(self) -> Any:
+        import asyncio
+
+        shared = self._shared
+        while not self._left:
+            found, chunk = self._buffered()
+            if found:
+                return chunk
+            if shared.done:
+                error = self._over()
+                if error is not None:
+                    raise error
+                break
+            pulling = shared._pulling
+            if pulling is None:
+                pulling = shared._pulling = asyncio.ensure_future(_next_chunk(shared.source))
+                pulling.add_done_callback(shared.took)
+            try:  # shielded: a reader cancelled here leaves, the others read on
+                await asyncio.shield(pulling)
+            except asyncio.CancelledError:
+                if self._leave():  # the last reader: nobody reads the rest
+                    pulling.cancel()
+                raise
+            except BaseException:
+                pass  # the stream failed: recorded by took(), raised by _over()
+            shared.took(pulling)
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop reading: the stream is closed once every reader has stopped."""
+        if self._leave():
+            import asyncio
+
+            pulling = self._shared._pulling
+            if pulling is not None:  # a chunk being read for a reader that left
+                pulling.cancel()
+                await asyncio.wait([pulling])
+            await self._shared.source.aclose()
+
+    close = aclose
+
+    async def __aenter__(self) -> _AsyncSharedReader:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

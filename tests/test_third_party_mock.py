@@ -2,8 +2,8 @@
 
 The mock is someone else's reading of the OpenAI and Anthropic wire formats, served by uvicorn
 on a free loopback port; each answer reports the usage its rule sets (123 input, 45 output
-tokens here), so whatever llmguard meters can be compared with exact numbers. Known library
-bugs it shows are ``xfail(strict=True)``: they start failing once fixed, to drop the marker.
+tokens here), so whatever llmguard meters can be compared with exact numbers. A library bug it
+shows is marked ``xfail(strict=True)`` until it is fixed (the marker then fails: drop it).
 """
 
 from __future__ import annotations
@@ -184,23 +184,114 @@ def test_responses_api_usage(mock: Mock, events: CapturedEvents) -> None:
     assert_metered_once(events, GPT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: Responses API streams (responses.create(stream=True)) are not "
-    "metered from their response.completed usage: the event is an estimate without a model "
-    "(cost unknown, 0 input tokens)",
-)
-def test_responses_api_stream(mock: Mock, events: CapturedEvents) -> None:
-    client = mock.openai()
+def test_responses_api_stream(flavour: str, mock: Mock, events: CapturedEvents) -> None:
+    client, aclient = mock.openai(), mock.openai(async_client=True)
 
     @llmguard.track
     def ask() -> str:
         stream = client.responses.create(model=GPT, input="hello there", stream=True)
         return "".join(e.delta for e in stream if e.type == "response.output_text.delta")
 
-    assert ask() == TEXT
+    @llmguard.track
+    async def aask() -> str:
+        stream = await aclient.responses.create(model=GPT, input="hello there", stream=True)
+        return "".join([e.delta async for e in stream if e.type == "response.output_text.delta"])
+
+    assert run(flavour, ask, aask) == TEXT
     assert_metered_once(events, GPT)
+
+
+def test_returned_responses_api_stream_and_helper(
+    flavour: str, mock: Mock, events: CapturedEvents
+) -> None:
+    client, aclient = mock.openai(), mock.openai(async_client=True)
+
+    @llmguard.track
+    def ask() -> Any:
+        return client.responses.create(model=GPT, input="hello there", stream=True)
+
+    @llmguard.track
+    def ask_helper() -> Any:
+        return client.responses.stream(model=GPT, input="hello there")
+
+    @llmguard.track
+    async def aask() -> Any:
+        return await aclient.responses.create(model=GPT, input="hello there", stream=True)
+
+    @llmguard.track
+    def aask_helper() -> Any:
+        return aclient.responses.stream(model=GPT, input="hello there")
+
+    def read() -> tuple[str, str]:
+        text = "".join(e.delta for e in ask() if e.type == "response.output_text.delta")
+        with ask_helper() as stream:
+            return text, stream.get_final_response().output_text
+
+    async def aread() -> tuple[str, str]:
+        stream = await aask()
+        text = "".join([e.delta async for e in stream if e.type == "response.output_text.delta"])
+        async with aask_helper() as helper:
+            return text, (await helper.get_final_response()).output_text
+
+    assert run(flavour, read, aread) == (TEXT, TEXT)
+    for event in events.calls:
+        assert event["cost_source"] == "usage"
+        assert (event["model"], event["input_tokens"], event["output_tokens"]) == (
+            GPT,
+            INPUT,
+            OUTPUT,
+        )
+    assert len(events.calls) == 2
+
+
+def test_a_cached_responses_api_answer_is_served_what_the_provider_sent(
+    mock: Mock, events: CapturedEvents
+) -> None:
+    client = mock.openai()
+
+    @llmguard.cached
+    def ask(question: str) -> Any:
+        return client.responses.create(model=GPT, input=question)
+
+    first, again = ask("hello there"), ask("hello there")
+    assert again.output_text == first.output_text == TEXT
+    assert again.usage.input_tokens == INPUT
+    assert [e["cache"] for e in events.calls] == ["miss", "hit"]
+    assert mock.server.history.count() == 1
+
+
+def test_a_cached_responses_api_stream_replays_what_the_provider_sent(
+    flavour: str, mock: Mock, events: CapturedEvents
+) -> None:
+    """The mock leaves out fields the SDK's models declare required (the SDK builds events
+    without validating): the replay is built the same way, not refused half-way."""
+    client, aclient = mock.openai(), mock.openai(async_client=True)
+
+    @llmguard.cached
+    def ask(question: str) -> Any:
+        return client.responses.create(model=GPT, input=question, stream=True)
+
+    @llmguard.cached
+    async def aask(question: str) -> Any:
+        return await aclient.responses.create(model=GPT, input=question, stream=True)
+
+    def twice() -> list[list[Any]]:
+        return [list(ask("hello there")) for _ in range(2)]
+
+    async def atwice() -> list[list[Any]]:
+        answers = []
+        for _ in range(2):
+            answers.append([e async for e in await aask("hello there")])
+        return answers
+
+    first, again = run(flavour, twice, atwice)
+    assert [e.type for e in again] == [e.type for e in first]
+    assert again[-1].response.usage.input_tokens == INPUT
+    assert "".join(e.delta for e in again if e.type == "response.output_text.delta") == TEXT
+    miss, hit = events.calls
+    assert (miss["cache"], miss["cost_source"], miss["input_tokens"]) == ("miss", "usage", INPUT)
+    assert (hit["cache"], hit["cost_usd"]) == ("hit", 0.0)
+    assert mock.server.history.count() == 1  # the hit sent nothing
 
 
 ANTHROPIC = {"model": CLAUDE, "max_tokens": 100, "messages": MESSAGES}
