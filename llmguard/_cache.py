@@ -55,6 +55,7 @@ from ._stream import (
     replay_helper,
 )
 from ._stream import wrap as wrap_stream
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -608,6 +609,7 @@ def cached(
     model: str | _Unset | None = ...,
     prompt: PromptFn | _Unset | None = ...,
     log_content: bool | _Unset = ...,
+    tags: TagValues | None = ...,
 ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]: ...
 
 
@@ -632,6 +634,7 @@ def cached(
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Any:
     """Cache the decorated function's results in the storage (local disk by default).
 
@@ -652,7 +655,7 @@ def cached(
 
         summarize.cache_info()     # CacheInfo(hits=..., misses=..., ...)
     """
-    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    options = {"model": model, "prompt": prompt, "log_content": log_content, "tags": tags}
     check_options("cached", options)
     ttl_s = parse_duration(ttl, "ttl")
     stale_s = parse_duration(stale_ttl, "stale_ttl")

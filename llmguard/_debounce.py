@@ -26,6 +26,7 @@ from ._pipeline import (
     check_options,
     guard,
 )
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -120,6 +121,7 @@ def debounced(
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Collapse bursts of calls into one execution with the latest arguments.
 
@@ -140,7 +142,7 @@ def debounced(
         raise ConfigurationError(f"wait must be seconds > 0, got {wait!r}")
     if key is not None and not callable(key):
         raise ConfigurationError("@debounced(key=...) must be callable")
-    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    options = {"model": model, "prompt": prompt, "log_content": log_content, "tags": tags}
     check_options("debounced", options)
     layer = _DebounceLayer(
         wait=float(wait), key=key, clock=clock, sleep=sleep, async_sleep=async_sleep

@@ -39,6 +39,7 @@ from ._pipeline import (
 )
 from ._redact import redact_uri
 from ._storage import _scheme, open_storage, split_redis_prefix, validate_uri
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -367,6 +368,7 @@ def rate_limited(
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Start at most ``rate`` calls (``"500/minute"``, ``"10/second;500/minute"``) and spend
     at most ``tokens`` tokens (``"200000/minute"``) per window.
@@ -397,7 +399,7 @@ def rate_limited(
         raise ConfigurationError("@rate_limited needs a rate, tokens=, or both")
     requests_items = _parse(rate, "rate") if rate is not None else []
     token_items = _parse(tokens, "tokens") if tokens is not None else []
-    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    options = {"model": model, "prompt": prompt, "log_content": log_content, "tags": tags}
     check_options("rate_limited", options)
     if max_wait is not None and (not isinstance(max_wait, (int, float)) or max_wait < 0):
         raise ConfigurationError(f"max_wait must be seconds >= 0 or None, got {max_wait!r}")

@@ -22,6 +22,7 @@ from ._config import UNSET, _Unset
 from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge
 from ._events import emit
 from ._pipeline import PROCEED, CallRecord, PromptFn, Sleep, check_options, guard
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -246,6 +247,7 @@ def retry_on_rate_limit(
     model: str | _Unset | None = ...,
     prompt: PromptFn | _Unset | None = ...,
     log_content: bool | _Unset = ...,
+    tags: TagValues | None = ...,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -266,6 +268,7 @@ def retry_on_rate_limit(
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Any:
     """Retry the call when the provider says "too many requests", as it asks.
 
@@ -285,7 +288,7 @@ def retry_on_rate_limit(
     """
     import backoff
 
-    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    options = {"model": model, "prompt": prompt, "log_content": log_content, "tags": tags}
     check_options("retry_on_rate_limit", options)
     if not isinstance(max_tries, int) or isinstance(max_tries, bool) or max_tries < 1:
         raise ConfigurationError(f"max_tries must be an int >= 1, got {max_tries!r}")

@@ -30,6 +30,7 @@ from ._pipeline import (
     guard,
 )
 from ._retry import classify, status_of
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -153,6 +154,7 @@ def route_model(
     critical_param: str = "critical",
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]:
     """Pick the model for each call, and fall back to others when it fails.
 
@@ -198,7 +200,7 @@ def route_model(
         not isinstance(cheap_below_tokens, int) or cheap_below_tokens < 1
     ):
         raise ConfigurationError("cheap_below_tokens must be an int >= 1")
-    options = {"prompt": prompt, "log_content": log_content}
+    options = {"prompt": prompt, "log_content": log_content, "tags": tags}
     check_options("route_model", options)
     layer = _RouteLayer(
         default=default,
