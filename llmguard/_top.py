@@ -27,6 +27,7 @@ from ._report import EVENTS, Malformed, clean, event_time, read_events
 
 _READ_CAP = 8 << 20  # bytes read per look at the file: the screen stays live on a huge log
 _POLL = 0.2  # seconds between looks at the file
+_HEAD = 4096  # bytes, at most, of the first line: a file whose first line changed was rewritten
 _ALT_ON, _ALT_OFF = "\x1b[?1049h", "\x1b[?1049l"  # the terminal's alternate screen
 _HIDE, _SHOW = "\x1b[?25l", "\x1b[?25h"
 _HOME, _EOL, _EOS = "\x1b[H", "\x1b[K", "\x1b[J"
@@ -41,6 +42,8 @@ class Follower:
         self.file: IO[bytes] | None = None
         self.identity: tuple[int, int] | None = None
         self.partial = b""
+        self.head = b""  # the file's first line: it changes when the file is rewritten
+        self._first = b""  # its beginning, read so far, until the first line is complete
         self.rotations = 0
         self.truncations = 0
         self._open()
@@ -52,6 +55,7 @@ class Follower:
             return False
         status = os.fstat(file.fileno())
         self.file, self.identity, self.partial = file, (status.st_dev, status.st_ino), b""
+        self.head = self._first = b""
         return True
 
     def close(self) -> None:
@@ -59,20 +63,45 @@ class Follower:
             self.file.close()
             self.file = None
 
-    def _read(self, cap: int) -> tuple[list[str], bool]:
-        """(complete lines read, whether the file may hold more than ``cap`` allowed)."""
+    def _read(self, cap: int | None) -> tuple[list[str], bool]:
+        """(complete lines read, whether the file may hold more than ``cap`` bytes allowed;
+        None: read to its end)."""
         assert self.file is not None
-        data = self.file.read(cap)
+        data = self.file.read() if cap is None else self.file.read(cap)
         if not data:
             return [], False
+        if not self.head:  # reading its first line (reading always starts at 0): keep it
+            first = (self._first + data)[:_HEAD]
+            end = first.find(b"\n")
+            if end >= 0 or len(first) == _HEAD:
+                self.head, self._first = (first[: end + 1] if end >= 0 else first), b""
+            else:
+                self._first = first
         pieces = (self.partial + data).split(b"\n")
         self.partial = pieces.pop()
-        return [p.decode("utf-8", "replace") for p in pieces if p.strip()], len(data) >= cap
+        lines = [p.decode("utf-8", "replace") for p in pieces if p.strip()]
+        return lines, cap is not None and len(data) >= cap
+
+    def _rewritten(self) -> bool:
+        """Whether the file was truncated in place since the last look (it is shorter than
+        what was read, or its first bytes changed: truncated, then written past that)."""
+        assert self.file is not None
+        size = os.fstat(self.file.fileno()).st_size
+        if size < self.file.tell():
+            return True
+        if not self.head:
+            return False
+        return os.pread(self.file.fileno(), len(self.head), 0) != self.head
 
     def poll(self, cap: int = _READ_CAP) -> tuple[list[str], bool]:
         """(the new complete lines, whether more are waiting to be read)."""
         if self.file is None and not self._open():
             return [], False
+        assert self.file is not None
+        if self._rewritten():  # truncated in place (copytruncate): read it from the start
+            self.file.seek(0)
+            self.partial = self.head = self._first = b""
+            self.truncations += 1
         lines, more = self._read(cap)
         if more:
             return lines, True
@@ -82,7 +111,7 @@ class Follower:
             return lines, False  # mid-rotation: the new file is not there yet
         assert self.file is not None
         if (status.st_dev, status.st_ino) != self.identity:  # rotated: on to the new file
-            rest, _ = self._read(1 << 62)
+            rest, _ = self._read(None)
             if self.partial.strip():  # the old file's last line, without its newline
                 rest.append(self.partial.decode("utf-8", "replace"))
             self.close()
@@ -91,12 +120,6 @@ class Follower:
                 new, more = self._read(cap)
                 rest += new
             return lines + rest, more
-        if status.st_size < self.file.tell():  # truncated in place: read it from the start
-            self.file.seek(0)
-            self.partial = b""
-            self.truncations += 1
-            new, more = self._read(cap)
-            return lines + new, more
         return lines, False
 
 
@@ -440,7 +463,7 @@ def run(
     clock: Callable[[], float] = time.time,
 ) -> int:
     """Show the live view of the log at ``path`` until Ctrl-C or ``q`` (``once``: print it
-    once, plain, and return). Returns the exit status: 0."""
+    once, plain, and return). Returns the exit status: 0, after Ctrl-C and SIGTERM too."""
     out = out or sys.stdout
     live = Live(window)
     if once:
@@ -453,6 +476,7 @@ def run(
         return 0
     follower = Follower(path)
     interactive = out.isatty()
+    restore = _stop_on_sigterm()
     keys = keys if keys is not None else (sys.stdin if sys.stdin and sys.stdin.isatty() else None)
     terminal = _Terminal(out, keys if interactive else None)
     try:
@@ -485,8 +509,29 @@ def run(
                         break
                 else:
                     time.sleep(min(_POLL, interval))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see _stop_on_sigterm)
         pass
     finally:
         follower.close()
+        restore()
     return 0
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM end the view as Ctrl-C does (the terminal put back, exit status 0);
+    returns what puts the previous handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
