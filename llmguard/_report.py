@@ -40,8 +40,11 @@ DIMENSIONS = ("function", "model", "day", "budget", "route", "key")
 EVENTS = ("llm_call", "llm_retry", "budget_alert", "budget_burn_alert")
 MAX_BUCKETS = 40
 # Bucket sizes in seconds, each a multiple of the one before (so buckets merge exactly into
-# the next size up): 1s 5s 10s 30s, 1m 5m 10m 30m, 1h 3h 6h 12h, 1d, 7d.
-STEPS = (1, 5, 10, 30, 60, 300, 600, 1800, 3600, 10800, 21600, 43200, 86400, 604800)
+# the next size up): 1s 5s 10s 30s, 1m 5m 10m 30m, 1h 3h 6h 12h, 1d, 7d, 28d, 364d, 1820d.
+STEPS = (
+    *(1, 5, 10, 30, 60, 300, 600, 1800, 3600, 10800, 21600, 43200, 86400),
+    *(7 * 86400, 28 * 86400, 364 * 86400, 1820 * 86400),
+)
 _TAG_DIMENSION = re.compile(r"tag:([A-Za-z_][A-Za-z0-9_]*)")
 _ZERO = Decimal(0)
 _TEXT_FIELDS = (
