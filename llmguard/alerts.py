@@ -151,6 +151,8 @@ class Webhook:
                 {"url": _where(self.url), "error": f"payload: {type(exc).__name__}: {exc}"[:300]},
             )
             return
+        if self._pid != os.getpid():  # forked where os.register_at_fork does not exist
+            self._forked()
         with self._lock:
             self._start()
             try:
@@ -173,13 +175,18 @@ class Webhook:
                 },
             )
 
+    def _forked(self) -> None:
+        """In a forked child: a fresh lock and queue, no thread (threads do not survive
+        fork, and a lock held by one at that moment would stay held)."""
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._queue = queue.Queue(self.queue_size)
+        self._thread = None
+        self._pending = 0
+        self._pid = os.getpid()
+
     def _start(self) -> None:
-        """Start the posting thread (again, in a forked child: threads do not survive fork)."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._queue = queue.Queue(self.queue_size)
-            self._thread = None
-            self._pending = 0
+        """Start the posting thread if it is not running."""
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name="llmguard-webhook", daemon=True)
             self._thread.start()
@@ -288,6 +295,15 @@ def webhook(
 
 
 _open_webhooks: weakref.WeakSet[Webhook] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for hook in list(_open_webhooks):
+        hook._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 @atexit.register

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -370,3 +371,24 @@ def test_bad_burn_alert_settings_fail_at_decoration() -> None:
     ):
         with pytest.raises(llmguard.ConfigurationError, match=message):
             llmguard.budget(usd=1, **options)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX")
+def test_a_forked_worker_posts_its_own_alerts(receiver: Receiver) -> None:
+    import os
+
+    hook = llmguard.alerts.webhook(receiver.url, timeout=5)
+    hook(_status(name="parent"))
+    assert hook.flush(10)
+    with warnings.catch_warnings():  # 3.12+ warns about forking a threaded process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: its own queue and thread
+        try:
+            hook(_status(name="child"))
+            os._exit(0 if hook.flush(10) else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [p["budget"] for p in receiver.payloads()] == ["parent", "child"]
