@@ -667,12 +667,12 @@ class _BudgetLayer:
             slices = (yield Blocking(record)) if self._remote else record()
         except StorageError:
             return
-        rate = burn_rate(slices, now, window)  # pico-USD per second
+        rate = burn_rate(slices, now, window)  # pico-USD per second: a forecast, not money
         left = max(status.resets_at.timestamp() - now, 0.0)
         projected = spent + rate * left
         flag = burn_flag_key(ledger_key)
         if spent < self.limit_pico and rate > 0 and projected >= self.limit_pico:
-            yield from self._burn_fired(flag, status, window, slices, rate, projected, now, ttl)
+            yield from self._burn_fired(flag, status, window, rate, projected, now, ttl)
         elif projected < burn.rearm * self.limit_pico:
             yield from self._burn_rearm(flag)
 
@@ -681,7 +681,6 @@ class _BudgetLayer:
         flag: str,
         status: BudgetStatus,
         window: float,
-        slices: dict[int, int],
         rate: float,
         projected: float,
         now: float,
