@@ -2,8 +2,10 @@
 
 Everything users may touch is listed in ``__all__``; the implementation lives in private
 modules. ``import llmguard`` loads no tokenizer, price table or storage backend: those load
-on first use.
+on first use. ``llmguard.alerts`` (alert destinations) is a submodule loaded when first used.
 """
+
+from typing import Any as _Any
 
 from ._budget import BudgetStatus, budget, budget_keys, budget_status, reset_budget
 from ._cache import CachedFunction, CacheInfo, bypass_cache, cached
@@ -30,6 +32,7 @@ from ._retry import retry_on_rate_limit
 from ._route import route_model
 from ._stack import guard
 from ._storage import Storage, open_storage, register_storage
+from ._tags import tags
 from ._tokens import TokenCount, count_message_tokens, count_tokens
 from ._track import track
 from ._usage import Usage
@@ -58,6 +61,7 @@ __all__ = [
     "TokenCount",
     "Usage",
     "__version__",
+    "alerts",
     "budget",
     "budget_keys",
     "budget_status",
@@ -82,7 +86,21 @@ __all__ = [
     "route_model",
     "set_price",
     "subscribe",
+    "tags",
     "track",
     "unsubscribe",
     "warm_up",
 ]
+
+
+def __getattr__(name: str) -> _Any:
+    """``llmguard.alerts``, imported on first use."""
+    if name == "alerts":
+        import importlib
+
+        return importlib.import_module(".alerts", __name__)
+    raise AttributeError(f"module 'llmguard' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "alerts"})

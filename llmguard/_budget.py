@@ -41,6 +41,8 @@ from ._ledger import (
     PICO,
     Ledger,
     alert_key,
+    burn_flag_key,
+    burn_key,
     floor_field,
     ledger_for,
     ledger_key,
@@ -67,6 +69,7 @@ from ._prices import get_price
 from ._storage import open_storage, validate_uri
 from ._stream import StreamTally, is_stream
 from ._stream import wrap as wrap_stream
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -102,6 +105,77 @@ class BudgetStatus:
             for field, at in (("window_start", self.window_start), ("resets_at", self.resets_at))
         )
         return f"BudgetStatus(name={self.name!r}, key={self.key!r}, {money}, {times})"
+
+
+@dataclass(frozen=True, repr=False)
+class BudgetAlert(BudgetStatus):
+    """What ``on_alert`` receives: the budget's state (a :class:`BudgetStatus`) and why it
+    alerts. ``kind`` is ``"threshold"`` (spend reached ``threshold`` of the limit: the
+    ``budget_alert`` event) or ``"burn"`` (at the spend rate of the last ``window_s``
+    seconds, ``rate_usd_per_hour``, the limit runs out at ``exhausts_at``, before the window
+    resets: the ``budget_burn_alert`` event)."""
+
+    kind: str = "threshold"
+    threshold: float | None = None
+    window_s: float | None = None
+    window_spent_usd: Decimal | None = None
+    rate_usd_per_hour: Decimal | None = None
+    projected_usd: Decimal | None = None
+    exhausts_at: datetime | None = None
+
+    @property
+    def event(self) -> str:
+        """The name of the event this alert logged."""
+        return "budget_burn_alert" if self.kind == "burn" else "budget_alert"
+
+    def __repr__(self) -> str:
+        why = (
+            f"threshold={self.threshold!r}"
+            if self.kind == "threshold"
+            else f"rate_usd_per_hour={self.rate_usd_per_hour}, exhausts_at="
+            f"{None if self.exhausts_at is None else self.exhausts_at.isoformat()}"
+        )
+        return f"BudgetAlert(kind={self.kind!r}, {why}, {super().__repr__()})"
+
+
+@dataclass(frozen=True)
+class BurnAlert:
+    """``@budget(burn_alert=BurnAlert(window="1h"))``: alert when the spend of the last
+    ``window`` (seconds, a timedelta or ``"15m"``/``"1h"``), kept up, would exhaust the
+    budget before its window resets. One ``budget_burn_alert`` per episode, across
+    processes; re-armed once that projection falls below ``rearm`` x the limit (0.9: some
+    room, so that a rate hovering at the edge does not alert on every call).
+    ``burn_alert="1h"`` is ``BurnAlert(window="1h")``."""
+
+    window: str | float | timedelta = "1h"
+    rearm: float = 0.9
+
+    @property
+    def seconds(self) -> float:
+        from ._cache import parse_duration
+
+        return float(parse_duration(self.window, "burn_alert window") or 0)
+
+
+_BURN_SLICES = 12  # a burn window is measured in this many slices (plus the one in progress)
+_BURN_FIRED_MAX = 10_000  # flags this process remembers having seen set
+
+
+def burn_rate(slices: dict[int, int], now: float, window: float) -> float:
+    """Pico-USD per second spent over the last ``window`` seconds, from spend per slice of
+    ``window / _BURN_SLICES`` seconds (the oldest slice counted for the part of it still
+    inside the window)."""
+    width = window / _BURN_SLICES
+    position = now / width
+    current = int(position)
+    total = 0.0
+    for slice_id, amount in slices.items():
+        age = current - slice_id
+        if 0 <= age < _BURN_SLICES:
+            total += amount
+        elif age == _BURN_SLICES:
+            total += amount * (1 - (position - current))
+    return total / window
 
 
 def _pico(usd: Decimal) -> int:
@@ -252,6 +326,7 @@ class _BudgetLayer:
         max_wait: float = 30.0,
         sleep: Callable[[float], None] | None = None,
         async_sleep: Callable[[float], Awaitable[None]] | None = None,
+        burn: BurnAlert | None = None,
     ) -> None:
         self.name = name
         self.limit = limit
@@ -281,6 +356,9 @@ class _BudgetLayer:
         self._probes: dict[tuple[str, str, str | None], CallRecord] = {}
         self._floors_read: set[tuple[str, str, str | None]] = set()
         self._floor_lock = threading.Lock()
+        self.burn = burn
+        self._burning: set[str] = set()  # burn flags this process saw set (see _check_burn)
+        self._burn_lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------
     def ledger(self, storage: str | None = None) -> Ledger:
@@ -339,6 +417,9 @@ class _BudgetLayer:
             return (yield PROCEED)
         model, estimate = self.estimate(call)
         call.fields["budget"] = name
+        call.fields["budget_limit_usd"] = float(self.limit)
+        if key is not None:
+            call.fields["budget_key"] = key  # the tenant: llmguard report --by key
         if estimate is None:
             if self.unknown_price == "refuse" and model is None:
                 raise PriceUnknown(
@@ -532,6 +613,8 @@ class _BudgetLayer:
             for threshold in self.alert_at:
                 if fraction >= threshold:
                     yield from self._alert(ledger_key, threshold, status, ttl)
+        if self.burn is not None:
+            yield from self._check_burn(name, key, ledger_key, actual, spent, status, ttl)
 
     def _alert(
         self, ledger_key: str, threshold: float, status: BudgetStatus, ttl: float | None
@@ -561,7 +644,123 @@ class _BudgetLayer:
             },
         )
         if self.on_alert is not None:
-            self.on_alert(status)
+            self.on_alert(BudgetAlert(**vars(status), kind="threshold", threshold=threshold))
+
+    # -- spend-rate (burn) alerts ------------------------------------------------------------
+    # Every settled call adds its cost to the budget key's spend per time slice (one atomic
+    # ledger operation, shared by every process), which gives the spend rate over the last
+    # burn window. When that rate, kept up until the window resets, would take the spend to
+    # the limit, a `budget_burn_alert` fires: once per episode across processes (an atomic
+    # `add` of a flag, as threshold alerts do). A process that saw the flag set deletes it
+    # when the projection falls under `rearm` x the limit: the next episode alerts again.
+    def _check_burn(
+        self,
+        name: str,
+        key: str | None,
+        ledger_key: str,
+        actual: int,
+        spent: int,
+        status: BudgetStatus,
+        ttl: float | None,
+    ) -> Generator[Any, Any, None]:
+        burn = self.burn
+        if burn is None or status.resets_at is None or not self.limit_pico:
+            return
+        window = burn.seconds
+        width = window / _BURN_SLICES
+        now = self.clock()
+        slice_id = int(now / width)
+        record = functools.partial(
+            self.ledger().burn,
+            burn_key(name, key),
+            slice_id,
+            actual,
+            slice_id - _BURN_SLICES,
+            window + 2 * width,
+        )
+        try:
+            slices = (yield Blocking(record)) if self._remote else record()
+        except StorageError:
+            return
+        rate = burn_rate(slices, now, window)  # pico-USD per second: a forecast, not money
+        left = max(status.resets_at.timestamp() - now, 0.0)
+        projected = spent + rate * left
+        flag = burn_flag_key(ledger_key)
+        if spent < self.limit_pico and rate > 0 and projected >= self.limit_pico:
+            yield from self._burn_fired(flag, status, window, rate, projected, now, ttl)
+        elif projected < burn.rearm * self.limit_pico:
+            yield from self._burn_rearm(flag)
+
+    def _burn_fired(
+        self,
+        flag: str,
+        status: BudgetStatus,
+        window: float,
+        rate: float,
+        projected: float,
+        now: float,
+        ttl: float | None,
+    ) -> Generator[Any, Any, None]:
+        """The spend rate would exhaust the budget: alert, unless this episode did."""
+        with self._burn_lock:
+            if flag in self._burning:
+                return  # this process saw the flag set, and nobody re-armed it since
+        storage = open_storage(self.storage_uri)
+        add = functools.partial(storage.add, flag, b"1", ttl)
+        try:
+            first = (yield Blocking(add)) if self._remote else add()
+        except StorageError:
+            return
+        with self._burn_lock:
+            if len(self._burning) >= _BURN_FIRED_MAX:
+                self._burning.clear()
+            self._burning.add(flag)
+        if not first:
+            return  # another process alerted this episode
+        limit = self.limit_pico
+        exhausts = now + (limit - _pico(status.spent_usd)) / rate
+        alert = BudgetAlert(
+            **vars(status),
+            kind="burn",
+            window_s=window,
+            window_spent_usd=usd_of(round(rate * window)),
+            rate_usd_per_hour=usd_of(round(rate * 3600)),
+            projected_usd=usd_of(round(projected)),
+            exhausts_at=datetime.fromtimestamp(exhausts, self.tz),
+        )
+        emit(
+            "warning",
+            "budget_burn_alert",
+            {
+                "budget": alert.name,
+                "key": alert.key,
+                "window_s": window,
+                "window_spent_usd": float(alert.window_spent_usd or 0),
+                "rate_usd_per_hour": float(alert.rate_usd_per_hour or 0),
+                "limit_usd": float(alert.limit_usd),
+                "spent_usd": float(alert.spent_usd),
+                "remaining_usd": float(alert.remaining_usd),
+                "projected_usd": float(alert.projected_usd or 0),
+                "exhausts_at": None if alert.exhausts_at is None else alert.exhausts_at.isoformat(),
+                "resets_at": None if alert.resets_at is None else alert.resets_at.isoformat(),
+            },
+        )
+        if self.on_alert is not None:
+            self.on_alert(alert)
+
+    def _burn_rearm(self, flag: str) -> Generator[Any, Any, None]:
+        """The spend rate fell back: the next episode alerts again."""
+        with self._burn_lock:
+            if flag not in self._burning:
+                return  # not set, as far as this process knows: nothing to write
+            self._burning.discard(flag)
+        storage = open_storage(self.storage_uri)
+        delete = functools.partial(storage.delete, flag)
+        try:
+            (yield Blocking(delete)) if self._remote else delete()
+        except StorageError:
+            with self._burn_lock:
+                self._burning.add(flag)  # try again on a later call
 
     # -- the stored definition ---------------------------------------------------------------
     def _publish(self, ledger: Ledger, name: str) -> None:
@@ -763,6 +962,30 @@ def _run_inline(steps: Generator[Any, Any, Any]) -> Any:
         sent = instruction.fn() if isinstance(instruction, Blocking) else None
 
 
+def _burn_option(value: Any, per: str | timedelta) -> BurnAlert | None:
+    """``burn_alert=`` as a checked :class:`BurnAlert` (None: no burn alerts)."""
+    if value is None:
+        return None
+    burn = value if isinstance(value, BurnAlert) else BurnAlert(window=value)
+    seconds = burn.seconds  # ConfigurationError for a bad window
+    if per == "total":
+        raise ConfigurationError(
+            "burn_alert needs a budget that resets: per='total' never does, so any spend "
+            "rate would exhaust it eventually. Use alert_at thresholds for a total budget"
+        )
+    rearm = burn.rearm
+    if isinstance(rearm, bool) or not isinstance(rearm, (int, float)) or not 0 < rearm <= 1:
+        raise ConfigurationError(
+            f"BurnAlert(rearm=...) must be a fraction in (0, 1], got {rearm!r}"
+        )
+    if isinstance(per, timedelta) and seconds > per.total_seconds():
+        raise ConfigurationError(
+            f"burn_alert window ({seconds:g}s) is longer than the budget's window "
+            f"({per.total_seconds():g}s): measure the rate over a shorter one"
+        )
+    return burn
+
+
 def budget(
     *,
     usd: float | str | Decimal,
@@ -772,6 +995,7 @@ def budget(
     on_exceed: str | Callable[[BudgetStatus], Any] = "raise",
     alert_at: tuple[float, ...] = (0.5, 0.8, 1.0),
     on_alert: Callable[[BudgetStatus], Any] | None = None,
+    burn_alert: str | float | timedelta | BurnAlert | None = None,
     max_call_usd: float | str | Decimal | None = None,
     storage: str | None = None,
     tz: str = "UTC",
@@ -786,6 +1010,7 @@ def budget(
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Cap spend at ``usd`` per ``per`` ("hour", "day", "week", "month", "total" or a
     timedelta), calendar-aligned in ``tz``.
@@ -807,11 +1032,15 @@ def budget(
     or tenant.
     ``max_call_usd`` refuses any single call that could cost more (``CallTooExpensive``).
     ``alert_at`` thresholds log one ``budget_alert`` per window (across processes) and call
-    ``on_alert(status)``. An unreachable ledger refuses calls (``BudgetUnavailable``) unless
-    ``fail_open``; a model without a price is refused (``PriceUnknown``) unless
-    ``unknown_price="allow"``. ``clock``, ``sleep`` and ``async_sleep`` make windows and
-    waits exact in tests. The decorated function gains ``budget_status(key=None)`` (a keyed
-    budget needs ``key=``; ``llmguard.budget_keys(name)`` lists its keys).
+    ``on_alert(alert)`` (a :class:`BudgetAlert`, the status and why). ``burn_alert="1h"`` (or
+    a :class:`BurnAlert`) also alerts when the spend rate of the last hour, kept up, would
+    exhaust the budget before the window resets: one ``budget_burn_alert`` per episode
+    (across processes), re-armed when the rate falls back. An unreachable ledger refuses
+    calls (``BudgetUnavailable``) unless ``fail_open``; a model without a price is refused
+    (``PriceUnknown``) unless ``unknown_price="allow"``. ``clock``, ``sleep`` and
+    ``async_sleep`` make windows and waits exact in tests. The decorated function gains
+    ``budget_status(key=None)`` (a keyed budget needs ``key=``; ``llmguard.budget_keys(name)``
+    lists its keys).
     """
     where = "@budget"
     limit = validate.usd(usd, "usd", decorator=where)
@@ -859,6 +1088,7 @@ def budget(
         for t in fractions
     )
     validate.function(on_alert, "on_alert", decorator=where, takes="given the BudgetStatus")
+    burn = _burn_option(burn_alert, per)
     max_call = validate.usd(max_call_usd, "max_call_usd", decorator=where, allow_none=True)
     validate.storage(storage, decorator=where)
     zone_error = "tz must be an IANA time zone name such as 'UTC' or 'Europe/Paris'"
@@ -887,7 +1117,7 @@ def budget(
     )
     validate.flag(fail_open, "fail_open", decorator=where)
     validate.function(clock, "clock", decorator=where, allow_none=False)
-    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    options = {"model": model, "prompt": prompt, "log_content": log_content, "tags": tags}
     check_options("budget", options)
     layer = _BudgetLayer(
         name=name,
@@ -908,6 +1138,7 @@ def budget(
         max_wait=float(max_wait),
         sleep=sleep,
         async_sleep=async_sleep,
+        burn=burn,
     )
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:

@@ -60,6 +60,7 @@ from ._stream import (
     replay_helper,
 )
 from ._stream import wrap as wrap_stream
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -615,6 +616,7 @@ def cached(
     model: str | _Unset | None = ...,
     prompt: PromptFn | _Unset | None = ...,
     log_content: bool | _Unset = ...,
+    tags: TagValues | None = ...,
 ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]: ...
 
 
@@ -639,6 +641,7 @@ def cached(
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Any:
     """Cache the decorated function's results in the storage (local disk by default).
 
@@ -660,7 +663,7 @@ def cached(
 
         summarize.cache_info()     # CacheInfo(hits=..., misses=..., ...)
     """
-    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    options = {"model": model, "prompt": prompt, "log_content": log_content, "tags": tags}
     check_options("cached", options)
     where = "@cached"
     ttl_s = validate.seconds(

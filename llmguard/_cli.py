@@ -16,7 +16,7 @@ from ._errors import ConfigurationError, LLMGuardError, StorageError
 from ._money import decimal_text, format_usd
 from ._prices import PerMTok, Tiered, get_price
 from ._redact import redact_uri, scrub
-from ._report import DIMENSIONS
+from ._report import DIMENSIONS, check_dimension
 from ._storage import open_storage
 from ._tokens import count_tokens
 from ._version import __version__
@@ -219,6 +219,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
             fh.write(render_html(report))
         print(f"HTML report: {args.html}", file=sys.stderr)
     return EXIT_OK
+
+
+def _dimension(text: str) -> str:
+    try:
+        return check_dimension(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from ._cache import parse_duration
+    from ._top import run
+
+    if args.file == "-" or not os.path.exists(args.file):
+        print(f"llmguard: no such file: {args.file}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    if os.path.isdir(args.file):
+        print(f"llmguard: a folder, not a log file: {args.file}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    interval = parse_duration(args.interval, "--interval") or 1.0
+    window = parse_duration(args.window, "--window") or 900.0
+    if args.top < 1:
+        raise ConfigurationError(f"--top must be 1 or more, got {args.top}")
+    return run(args.file, interval=interval, window=window, once=args.once, top=args.top)
 
 
 def _progress(path: str, fraction: float) -> None:
@@ -441,7 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
         "files", nargs="+", metavar="LOG", help="JSON-lines logs (gzipped too), or -"
     )
     report.add_argument(
-        "--by", choices=DIMENSIONS, default="function", help="break down by (default function)"
+        "--by",
+        type=_dimension,
+        default="function",
+        metavar="|".join((*DIMENSIONS, "tag:NAME")),
+        help="break down by (default function); key: the budget key (tenant); tag:NAME: a tag "
+        "given with llmguard.tags() or tags=",
     )
     report.add_argument("--since", help="only events this recent: 90s, 30m, 12h, 7d")
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
@@ -449,6 +478,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--html", metavar="PATH", help="also write a self-contained HTML report with charts"
     )
     report.set_defaults(run=_cmd_report)
+
+    top = sub.add_parser(
+        "top",
+        help="a live view of a JSON-lines log as it grows (like tail -f), redrawn every second",
+    )
+    top.add_argument("file", metavar="LOG", help="the JSON-lines log llmguard writes")
+    top.add_argument(
+        "--interval", default="1", help="seconds between redraws (default 1; 0.5, 2s...)"
+    )
+    top.add_argument(
+        "--window", default="15m", help="the recent minutes shown (default 15m; 90s, 1h...)"
+    )
+    top.add_argument("--top", type=int, default=5, help="rows per top list (default 5)")
+    top.add_argument(
+        "--once", action="store_true", help="print the view once, as plain text, and exit"
+    )
+    top.set_defaults(run=_cmd_top)
 
     storage_help = "storage URI (default: LLMGUARD_STORAGE, else the local cache folder)"
     budget = sub.add_parser("budget", help="budget ledgers: status and reset")

@@ -37,6 +37,7 @@ from ._pipeline import (
     stream_context,
 )
 from ._stream import SharedStream, StreamTally, discard, is_stream, is_stream_manager, manager_name
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -198,6 +199,7 @@ def debounced(
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Collapse bursts of calls into one execution with the latest arguments.
 
@@ -225,7 +227,7 @@ def debounced(
     validate.function(clock, "clock", decorator=where, allow_none=False)
     validate.function(sleep, "sleep", decorator=where)
     validate.function(async_sleep, "async_sleep", decorator=where)
-    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    options = {"model": model, "prompt": prompt, "log_content": log_content, "tags": tags}
     check_options("debounced", options)
     layer = _DebounceLayer(wait=wait_s, key=key, clock=clock, sleep=sleep, async_sleep=async_sleep)
 

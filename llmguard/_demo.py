@@ -146,9 +146,10 @@ def run(
             return response.choices[0].message.content or ""
 
         say("1. Caching: the same three questions, asked three times each.")
-        for _ in range(3):
-            for question in QUESTIONS:
-                answer(question)
+        with llmguard.tags(feature="faq"):  # cost per feature: llmguard report --by tag:feature
+            for _ in range(3):
+                for question in QUESTIONS:
+                    answer(question)
         info = answer.cache_info()
         say(
             f"   {info.misses} provider calls, {info.hits} answers from the cache, "
@@ -156,8 +157,9 @@ def run(
         )
 
         say("2. Routing: short prompts go to gpt-4o-mini, a long report to gpt-4o.")
-        answer("Summarize: sales are up.")
-        answer("Summarize: " + REPORT * 6)
+        with llmguard.tags(feature="summaries"):
+            answer("Summarize: sales are up.")
+            answer("Summarize: " + REPORT * 6)
         say(f"   models used: {', '.join(r.model or '?' for r in fake.requests[-2:])}.\n")
 
         burst = pace.burst
@@ -167,7 +169,7 @@ def run(
         )
         fake.fail_next(2, 429, retry_after=pace.retry_after)
         burst_started = time.monotonic()
-        with capture_calls() as calls:
+        with capture_calls() as calls, llmguard.tags(feature="burst"):
             for i in range(burst):
                 progress.note = f" ({i}/{burst} answered)"
                 answer(f"Burst question number {i}?")
@@ -195,8 +197,9 @@ def run(
 
         steps = 0
         try:
-            for steps in range(1000):  # the loop a bug would run forever
-                runaway(steps)
+            with llmguard.tags(feature="agent-loop"):
+                for steps in range(1000):  # the loop a bug would run forever
+                    runaway(steps)
         except llmguard.BudgetExceeded as exc:
             say(f"   stopped after {steps} calls: {exc}\n")
 

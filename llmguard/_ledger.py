@@ -27,6 +27,9 @@ PICO = 10**12  # pico-dollars per dollar
 # A window's ledger:    llmguard:budget:<name>:-:<window>             (a budget without key=)
 #                       llmguard:budget:<name>:=<key>:<window>        (one key of a keyed budget)
 # its alert flags:      <ledger key>:alert:<threshold>
+# its spend-rate alert flag (set while a burn episode lasts):  <ledger key>:alert:burn
+# the recent spend per time slice (burn_alert=), across windows:
+#                       llmguard:budget:<name>:-:burn  /  llmguard:budget:<name>:=<key>:burn
 # a budget's definition (limit, period, time zone, keyed), stored on its first call:
 #                       llmguard:budget-config:<name>
 # the largest cost seen per function and model (the learned reservation floor):
@@ -100,6 +103,16 @@ def parse_ledger_key(text: str) -> LedgerKey | None:
 def alert_key(ledger: str, threshold: float) -> str:
     """The flag that ``threshold`` has alerted in the window of ledger key ``ledger``."""
     return f"{ledger}:alert:{threshold}"
+
+
+def burn_flag_key(ledger: str) -> str:
+    """The flag that a spend-rate alert is firing in the window of ledger key ``ledger``."""
+    return f"{ledger}:alert:burn"
+
+
+def burn_key(name: str, key: str | None) -> str:
+    """The storage key of budget ``name``'s recent spend per time slice for ``key``."""
+    return f"{ledger_prefix(name, key)}burn"
 
 
 def config_key(name: str) -> str:
@@ -239,6 +252,27 @@ class DocLedger:
                 self.storage.set(key, json.dumps(doc).encode())
             return int(doc[field])
 
+    def burn(
+        self, key: str, slice_id: int, amount: int, keep_from: int, ttl: float
+    ) -> dict[int, int]:
+        """Add ``amount`` to time slice ``slice_id`` of the spend-rate record ``key``, forget
+        slices before ``keep_from``, and return the slices kept ({slice id: pico-USD})."""
+        with _wrapped(self.storage.uri, "burn"), self.storage.atomic():
+            raw = self.storage.get(key)
+            try:
+                doc = json.loads(raw) if raw else {}
+            except ValueError:
+                doc = {}
+            slices = {
+                int(k): v
+                for k, v in (doc.items() if isinstance(doc, dict) else ())
+                if k.lstrip("-").isdigit() and isinstance(v, int) and int(k) >= keep_from
+            }
+            if amount:
+                slices[slice_id] = slices.get(slice_id, 0) + amount
+            self.storage.set(key, json.dumps({str(k): v for k, v in slices.items()}).encode(), ttl)
+            return slices
+
 
 # KEYS[1] ledger hash: field "spent" (HINCRBY, exact int64) and "r:<id>" = "<amount>:<exp_ms>".
 _PRUNE = """
@@ -298,6 +332,24 @@ return {redis.call('HGET', KEYS[1], 'spent') or '0', string.format('%.0f', held)
 )
 
 
+_BURN = """
+if tonumber(ARGV[2]) > 0 then redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) end
+local keep = tonumber(ARGV[3])
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  local id = tonumber(all[i])
+  if id == nil or id < keep then
+    redis.call('HDEL', KEYS[1], all[i])
+  else
+    out[#out + 1] = all[i]
+    out[#out + 1] = all[i + 1]
+  end
+end
+if #out > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return out
+"""
+
 _RAISE_FLOOR = """
 local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '') or -1
 if current < tonumber(ARGV[2]) then
@@ -318,6 +370,7 @@ class RedisLedger:
         self._settle = client.register_script(_SETTLE)
         self._status = client.register_script(_STATUS)
         self._raise_floor = client.register_script(_RAISE_FLOOR)
+        self._burn = client.register_script(_BURN)
 
     @staticmethod
     def _ttl(ttl: float | None) -> int:
@@ -377,6 +430,17 @@ class RedisLedger:
                 keys=[self.storage.key(FLOOR_PREFIX + encode_part(name))], args=[field, cost]
             )
         return int(value)
+
+    def burn(
+        self, key: str, slice_id: int, amount: int, keep_from: int, ttl: float
+    ) -> dict[int, int]:
+        """As :meth:`DocLedger.burn`, in one Lua script."""
+        with _wrapped(self.storage.uri, "burn"):
+            flat = self._burn(
+                keys=[self.storage.key(key)],
+                args=[slice_id, amount, keep_from, self._ttl(ttl)],
+            )
+        return {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 Ledger = DocLedger | RedisLedger

@@ -40,6 +40,8 @@ from ._keys import Binder
 from ._prices import get_price
 from ._stream import StreamTally, is_stream
 from ._stream import wrap as wrap_stream
+from ._tags import CURRENT as CURRENT_TAGS
+from ._tags import check_tags, merged
 from ._tokens import count_message_tokens, counter_for
 from ._usage import Usage, sanitize, text_from_response, usage_from_response
 
@@ -267,6 +269,7 @@ class FunctionSpec:
     model: str | None = None
     prompt: PromptFn | None = None
     log_content: bool = False
+    tags: dict[str, str | None] | None = None
     model_index: int | None = None
     model_default: str | None = None
     messages_index: int | None = None
@@ -334,6 +337,7 @@ class CallRecord:
         "settled",
         "spec",
         "started",
+        "tags",
         "usages",
         "watches",
     )
@@ -368,6 +372,7 @@ class CallRecord:
         self.settled: dict[tuple[str, str | None], Decimal] = {}
         self.started = time.perf_counter()
         self.watches: list[CallWatch] | None = None
+        self.tags = CURRENT_TAGS.get()  # those in force where the call is made
 
     @property
     def function(self) -> str:
@@ -680,6 +685,24 @@ class UserFunction:
             ) from exc
 
 
+class TagsLayer:
+    """Puts a function's own ``tags=`` in force while it runs, so that the decorated calls
+    made inside carry them too (one per function, whichever decorators gave tags)."""
+
+    def run(self, call: CallRecord) -> Generator[Instruction, Any, Any]:
+        own = call.spec.tags
+        if not own:
+            return (yield PROCEED)
+        token = CURRENT_TAGS.set(merged(CURRENT_TAGS.get(), own))
+        try:
+            return (yield PROCEED)
+        finally:
+            try:
+                CURRENT_TAGS.reset(token)
+            except ValueError:  # closed from another context: that one was never changed
+                pass
+
+
 class GuardedFunction(Protocol[P, R]):
     """A function decorated by llmguard: called as before, plus :meth:`with_options`."""
 
@@ -861,6 +884,9 @@ def _event_fields(call: CallRecord, result: Any, error: BaseException | None) ->
     }
     if metering.method is not None:
         fields["tokens_method"] = metering.method
+    tags = merged(call.tags, call.spec.tags) if call.spec.tags else call.tags
+    if tags:
+        fields["tags"] = dict(tags)
     if len(metering.models) > 1:
         fields["models"] = metering.models
     if call.spec.log_content:  # opted in: the prompt and completion go into the event
@@ -929,9 +955,9 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
 
 def check_options(decorator: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Validate the metering options every llmguard decorator takes (at decoration time):
-    ``model``, ``prompt`` and ``log_content``; UNSET ones are dropped."""
+    ``model``, ``prompt``, ``log_content`` and ``tags``; UNSET ones are dropped."""
     given = {k: v for k, v in options.items() if not isinstance(v, _Unset)}
-    unknown = set(given) - {"model", "prompt", "log_content"}
+    unknown = set(given) - {"model", "prompt", "log_content", "tags"}
     if unknown:
         raise ConfigurationError(f"@{decorator} got unknown options: {', '.join(sorted(unknown))}")
     where = f"@{decorator}"
@@ -948,6 +974,8 @@ def check_options(decorator: str, options: Mapping[str, Any]) -> dict[str, Any]:
         )
     if "log_content" in given:
         validate.flag(given["log_content"], "log_content", decorator=where)
+    if given.get("tags") is not None:
+        given["tags"] = check_tags(given["tags"], f"@{decorator}(tags=...)")
     return given
 
 
@@ -981,9 +1009,13 @@ def guard(
     else:
         spec = FunctionSpec.build(fn)
     for name, value in given.items():
+        if name == "tags":  # stacked decorators' tags add up, the outer one's winning
+            value = {**(spec.tags or {}), **(value or {})} or None
         setattr(spec, name, value)
     if layer is not None:
         spec.layers = (layer, *spec.layers)
+    if spec.tags and not any(isinstance(each, TagsLayer) for each in spec.layers):
+        spec.layers = (TagsLayer(), *spec.layers)
     declared = [name for each in spec.layers for name in getattr(each, "call_options", ())]
     spec.call_options = tuple(dict.fromkeys(n for n in declared if n not in spec.params))
     wrapper = _make_wrapper(spec)

@@ -41,6 +41,7 @@ from ._pipeline import (
 )
 from ._redact import redact_uri
 from ._storage import _scheme, open_storage, split_redis_prefix, validate_uri
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -414,6 +415,7 @@ def rate_limited(
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Start at most ``rate`` calls (``"500/minute"``, ``"10/second;500/minute"``) and spend
     at most ``tokens`` tokens (``"200000/minute"``) per window.
@@ -446,7 +448,7 @@ def rate_limited(
         raise ConfigurationError("@rate_limited needs a rate, tokens=, or both")
     requests_items = _parse(rate, "rate") if rate is not None else []
     token_items = _parse(tokens, "tokens") if tokens is not None else []
-    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    options = {"model": model, "prompt": prompt, "log_content": log_content, "tags": tags}
     check_options("rate_limited", options)
     validate.text(name, "name", decorator=where, allow_none=True, meaning="shared by functions")
     validate.function(key, "key", decorator=where, takes="given the call's arguments by name")

@@ -23,6 +23,7 @@ from ._config import UNSET, _Unset
 from ._errors import RateLimitExceeded, RequestTooLarge
 from ._events import emit
 from ._pipeline import PROCEED, CallRecord, PromptFn, Sleep, check_options, guard
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -247,6 +248,7 @@ def retry_on_rate_limit(
     model: str | _Unset | None = ...,
     prompt: PromptFn | _Unset | None = ...,
     log_content: bool | _Unset = ...,
+    tags: TagValues | None = ...,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -267,6 +269,7 @@ def retry_on_rate_limit(
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Any:
     """Retry the call when the provider says "too many requests", as it asks.
 
@@ -286,7 +289,7 @@ def retry_on_rate_limit(
     """
     import backoff
 
-    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    options = {"model": model, "prompt": prompt, "log_content": log_content, "tags": tags}
     check_options("retry_on_rate_limit", options)
     where = "@retry_on_rate_limit"
     validate.integer(

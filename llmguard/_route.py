@@ -31,6 +31,7 @@ from ._pipeline import (
     guard,
 )
 from ._retry import classify, status_of
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -154,6 +155,7 @@ def route_model(
     critical_param: str = "critical",
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]:
     """Pick the model for each call, and fall back to others when it fails.
 
@@ -202,7 +204,7 @@ def route_model(
         )
     if downgrade_at is not None and budget is None:
         raise ConfigurationError("@route_model(downgrade_at=...) needs budget= (the budget's name)")
-    options = {"prompt": prompt, "log_content": log_content}
+    options = {"prompt": prompt, "log_content": log_content, "tags": tags}
     check_options("route_model", options)
     layer = _RouteLayer(
         default=default,

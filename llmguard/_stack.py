@@ -21,6 +21,8 @@ from ._errors import ConfigurationError
 from ._ratelimit import rate_limited as _rate_limited
 from ._retry import retry_on_rate_limit as _retry
 from ._route import route_model as _route
+from ._tags import TagValues
+from ._track import track as _track
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -53,6 +55,7 @@ def guard(
     budget: Options | None = None,
     retry: bool | Options | None = None,
     rate: str | Options | None = None,
+    tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Apply the policies in the recommended order: cache, route, budget, retry, rate limit.
 
@@ -67,6 +70,8 @@ def guard(
             rate={"rate": "500/minute", "tokens": "200000/minute"},
         )
         def summarize(text: str, *, model: str = "gpt-4o") -> str: ...
+
+    ``tags`` tags every call of the function (see ``llmguard.tags``).
     """
     layers: list[Callable[[Any], Any]] = []  # innermost first
     rate_options = (
@@ -92,6 +97,8 @@ def guard(
         layers.append(_cached(**cache_options))
     if not layers:
         raise ConfigurationError("@guard needs at least one of cache, route, budget, retry, rate")
+    if tags is not None:
+        layers.append(_track(tags=tags))  # checked now: bad tags fail at decoration
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
         wrapped: Any = func

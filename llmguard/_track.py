@@ -7,6 +7,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from ._config import UNSET, _Unset
 from ._pipeline import PromptFn, check_options, guard
+from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -22,6 +23,7 @@ def track(
     model: str | _Unset | None = ...,
     prompt: PromptFn | _Unset | None = ...,
     log_content: bool | _Unset = ...,
+    tags: TagValues | None = ...,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -32,6 +34,7 @@ def track(
     model: str | _Unset | None = UNSET,
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
+    tags: TagValues | None = None,
 ) -> Any:
     """Meter every call of the decorated function and log one ``llm_call`` event.
 
@@ -39,7 +42,9 @@ def track(
     says which one was used. ``prompt`` replaces what counts as the prompt for estimates:
     a callable taking the function's arguments and returning the prompt text or a list of
     chat messages. ``log_content=True`` opts in to putting the prompt and the completion
-    text into the event (off by default: events never carry them otherwise). Works bare or
+    text into the event (off by default: events never carry them otherwise). ``tags``
+    (``{"feature": "search"}``) go into the event's ``tags`` field, for this function's calls
+    and the decorated calls made inside them (see ``llmguard.tags``). Works bare or
     called, on sync and async functions and methods::
 
         @llmguard.track
@@ -48,7 +53,7 @@ def track(
         @llmguard.track(model="gpt-4o", prompt=lambda doc, **_: doc.body)
         async def summarize(doc: Document) -> str: ...
     """
-    options = {"model": model, "prompt": prompt, "log_content": log_content}
+    options = {"model": model, "prompt": prompt, "log_content": log_content, "tags": tags}
     if fn is None:
         check_options("track", options)
 

@@ -3,14 +3,18 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import llmguard
 from llmguard._cli import main
+from llmguard._money import decimal_text
 from llmguard.testing import FakeLLMServer
 
 from ._helpers import run_python
@@ -267,3 +271,325 @@ def test_progress_is_reported_while_reading(log: Path) -> None:
     assert fractions == sorted(fractions)
     assert all(0.0 <= f <= 1.0 for f in fractions)
     assert fractions[-1] == 1.0
+
+
+# -- cost per tenant and per feature; time buckets; budgets; percentiles (issue 15) ------------
+
+CANARY = "CANARY-8d1f-never-in-a-report"
+CALLS_COLOUR = (0x0F, 0x76, 0x6E)  # llmguard._html.CALLS_COLOUR
+
+
+def _tenant_calls(path: Path, tmp_path: Path, *, log_content: bool = False) -> None:
+    """Real events: a keyed budget (the tenant), tags from decorators and blocks, and the
+    canary in every prompt."""
+    llmguard.configure_logging(json=True, file=str(path))
+    storage = f"file://{tmp_path}/tenant-state"
+
+    @llmguard.budget(
+        usd="0.05",
+        name="per-tenant",
+        key=lambda tenant, **_: tenant,
+        storage=storage,
+        alert_at=(0.1,),
+    )
+    @llmguard.track(tags={"feature": "search"}, log_content=log_content)
+    def search(tenant: str, question: str, model: str = "gpt-4o") -> str:
+        llmguard.record_usage(1000, 100)  # $0.0035 on gpt-4o
+        return "found it"
+
+    @llmguard.track(model="gpt-4o-mini", tags={"feature": "summary"}, log_content=log_content)
+    def summarize(text: str) -> str:
+        return "a summary"
+
+    for i in range(12):
+        with llmguard.tags(user=f"u{i % 4}"):
+            search(("acme", "globex", "acme")[i % 3], f"{CANARY} question {i}")
+            if i % 2:
+                summarize(f"{CANARY} text {i}")
+    llmguard._events.close_owned_stream()
+
+
+def _restamp(path: Path, start: datetime, gaps: list[float]) -> None:
+    """Spread the log's events over time: event i at start + gaps[0] + ... + gaps[i]."""
+    out, at = [], start
+    for line, gap in zip(path.read_text().splitlines(), gaps, strict=True):
+        event = json.loads(line)
+        at += timedelta(seconds=gap)
+        event["timestamp"] = at.isoformat().replace("+00:00", "Z")
+        out.append(json.dumps(event))
+    path.write_text("\n".join(out) + "\n")
+
+
+@pytest.fixture
+def tenant_log(tmp_path: Path) -> Path:
+    path = tmp_path / "tenants.jsonl"
+    _tenant_calls(path, tmp_path)
+    lines = len(path.read_text().splitlines())
+    # about ten minutes, with a three-minute pause in the middle: empty buckets
+    gaps = [17.0 if i != lines // 2 else 190.0 for i in range(lines)]
+    _restamp(path, datetime(2026, 5, 1, 12, 0, 5, tzinfo=timezone.utc), gaps)
+    return path
+
+
+def _sums(calls: list[dict[str, Any]], group: Any) -> dict[str, tuple[int, Decimal]]:
+    out: dict[str, tuple[int, Decimal]] = {}
+    for event in calls:
+        name = group(event) or "-"
+        count, cost = out.get(name, (0, Decimal(0)))
+        out[name] = (count + 1, cost + Decimal(str(event["cost_usd"])))
+    return out
+
+
+def test_cost_per_tenant_and_per_tag_in_every_format(
+    tenant_log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = _events(tenant_log)
+    assert len(calls) == 18
+    outputs = [tenant_log.read_text()]
+    for by, group in (
+        ("key", lambda e: e.get("budget_key")),
+        ("tag:feature", lambda e: e.get("tags", {}).get("feature")),
+        ("tag:user", lambda e: e.get("tags", {}).get("user")),
+    ):
+        expected = _sums(calls, group)
+        assert main(["report", str(tenant_log), "--by", by, "--format", "json"]) == 0
+        out = capsys.readouterr().out
+        groups = json.loads(out)["groups"]
+        assert {k: (g["calls"], Decimal(g["cost_usd"])) for k, g in groups.items()} == expected
+        assert main(["report", str(tenant_log), "--by", by, "--format", "csv"]) == 0
+        csv_out = capsys.readouterr().out
+        rows = [line.split(",") for line in csv_out.splitlines()]
+        assert rows[0][:3] == [by, "calls", "cost_usd"]
+        assert {r[0]: (int(r[1]), Decimal(r[2])) for r in rows[1:]} == expected
+        assert main(["report", str(tenant_log), "--by", by]) == 0
+        table = capsys.readouterr().out
+        assert table.splitlines()[-len(expected) - 1].split()[0] == by  # the header row
+        outputs += [out, csv_out, table]
+    by_key = _sums(calls, lambda e: e.get("budget_key"))
+    assert (by_key["acme"], by_key["globex"]) == ((8, Decimal("0.028")), (4, Decimal("0.014")))
+    assert by_key["-"][0] == 6  # the summaries: no budget
+    page = tmp_path / "tenants.html"
+    assert main(["report", str(tenant_log), "--html", str(page)]) == 0
+    html = page.read_text()
+    outputs += [capsys.readouterr().out, html]
+    for table_id in ("by-table", "by-key-table", "by-tag-feature-table", "by-tag-user-table"):
+        assert f'id="{table_id}"' in html
+    assert "<td>acme</td><td>8</td><td>$0.028</td>" in html
+    assert "<td>search</td><td>12</td><td>$0.042</td>" in html
+    for text in outputs:  # prompts appear nowhere without log_content=True
+        assert CANARY not in text
+    for bad in ("tag:", "tag:no-such", "tenant"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["report", str(tenant_log), "--by", bad])
+        assert exit_.value.code == 2
+        assert "tag:<name>" in capsys.readouterr().err
+
+
+def test_log_content_puts_prompts_in_events_but_never_in_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "content.jsonl"
+    _tenant_calls(path, tmp_path, log_content=True)
+    assert CANARY in path.read_text()  # opted in: the events carry the prompts
+    page = tmp_path / "content.html"
+    for by in ("function", "key", "tag:feature"):
+        for fmt in ("table", "json", "csv"):
+            assert main(["report", str(path), "--by", by, "--format", fmt]) == 0
+            assert CANARY not in capsys.readouterr().out
+    assert main(["report", str(path), "--html", str(page)]) == 0
+    assert CANARY not in page.read_text()
+    assert main(["top", str(path), "--once"]) == 0
+    assert CANARY not in capsys.readouterr().out
+
+
+def _synthetic(times: list[float], cost: str = "0.001") -> list[dict[str, Any]]:
+    return [
+        {
+            "event": "llm_call",
+            "function": "app.f",
+            "model": "gpt-4o",
+            "cost_usd": float(cost),
+            "timestamp": datetime.fromtimestamp(t, timezone.utc).isoformat(),
+        }
+        for t in times
+    ]
+
+
+@pytest.mark.parametrize(
+    ("span", "step"),
+    [
+        (12, 1),  # a demo: seconds
+        (60, 5),
+        (3600, 300),  # an hour: 5 minutes
+        (86400, 3600),  # a day: hours
+        (30 * 86400, 86400),  # a month: days
+        (365 * 86400, 28 * 86400),  # a year: four weeks
+        (60 * 365 * 86400, 1820 * 86400),  # a bad timestamp: still a chart
+    ],
+)
+def test_time_buckets_are_sized_to_the_span_of_the_log(span: int, step: int) -> None:
+    from llmguard._report import MAX_BUCKETS, build
+
+    start = 1_777_000_000.0
+    report = build(_synthetic([start + span * i / 50 for i in range(51)]))
+    assert report.timeline.step == step
+    slots = report.timeline.slots()
+    assert 1 < len(slots) <= MAX_BUCKETS
+    assert sum(b.calls for _, b in slots if b is not None) == 51
+
+
+@given(
+    st.lists(st.floats(min_value=0, max_value=90 * 86400), min_size=1, max_size=200),
+    st.randoms(),
+)
+@settings(max_examples=60, deadline=None)
+def test_every_event_is_in_the_bucket_of_its_time_whatever_the_order(
+    offsets: list[float], rng: Any
+) -> None:
+    from llmguard._report import MAX_BUCKETS, build
+
+    times = [1_700_000_000 + o for o in offsets]
+    shuffled = list(times)
+    rng.shuffle(shuffled)
+    report = build(_synthetic(shuffled))
+    timeline = report.timeline
+    step = timeline.step
+    slots = timeline.slots()
+    assert len(slots) <= MAX_BUCKETS
+    expected: dict[datetime, int] = {}
+    for t in times:
+        start = datetime.fromtimestamp(int(t) // step * step, timezone.utc)
+        expected[start] = expected.get(start, 0) + 1
+    assert {start: b.calls for start, b in slots if b is not None} == expected
+    # and the smallest step that fits: one size down would need more than MAX_BUCKETS
+    if timeline.level > 0:
+        from llmguard._report import STEPS
+
+        finer = STEPS[timeline.level - 1]
+        assert int(max(times)) // finer - int(min(times)) // finer + 1 > MAX_BUCKETS
+
+
+def test_percentiles_are_the_values_of_calls() -> None:
+    from llmguard._report import build
+
+    events = _synthetic([1_777_000_000.0 + i for i in range(100)])
+    for i, event in enumerate(events):
+        event["cost_usd"] = (i + 1) / 1000  # 0.001 .. 0.1
+        event["latency_ms"] = float(100 - i)  # 100 .. 1
+    spread = build(events).as_dict()["distribution"]
+    assert spread["cost_usd"] == {
+        "calls": 100,
+        "p50": "0.05",
+        "p95": "0.095",
+        "p99": "0.099",
+        "max": "0.1",
+    }
+    assert spread["latency_ms"] == {
+        "calls": 100,
+        "p50": "50",
+        "p95": "95",
+        "p99": "99",
+        "max": "100",
+    }
+    assert build([]).as_dict()["distribution"]["cost_usd"] == {"calls": 0}
+
+
+def test_budgets_spend_over_time_against_their_limit(
+    tenant_log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = _events(tenant_log)
+    assert main(["report", str(tenant_log), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    budgets = {(b["budget"], b["key"]): b for b in report["budgets"]}
+    for tenant in ("acme", "globex"):
+        mine = [e for e in calls if e.get("budget_key") == tenant]
+        assert budgets[("per-tenant", tenant)]["spent_usd"] == decimal_text(
+            mine[-1]["budget_spent_usd"]
+        )
+        assert budgets[("per-tenant", tenant)]["limit_usd"] == "0.05"
+        assert budgets[("per-tenant", tenant)]["alerts"] == 1
+    assert report["totals"]["budget_alerts"] == 2
+    page = tmp_path / "b.html"
+    assert main(["report", str(tenant_log), "--html", str(page)]) == 0
+    html = page.read_text()
+    assert 'id="budget-chart-0"' in html
+    assert "Budget per-tenant: spend in its window vs its limit $0.05" in html
+    assert html.count('class="limit"') == 1
+    assert html.count('class="spend"') == 2  # one line per key
+    # one point per bucket holding the key's calls, at its latest spend in that bucket
+    assert html.count("spent in its window</title></circle>") == len(
+        {
+            (e["budget_key"], _bucket_of(e, report["timeline"]["step_s"]))
+            for e in calls
+            if "budget_key" in e
+        }
+    )
+    assert 'id="spread-table"' in html
+    assert 'id="cost-histogram"' in html
+    assert 'id="latency-histogram"' in html
+
+
+def _bucket_of(event: dict[str, Any], step: int) -> int:
+    at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+    return int(at.timestamp()) // step
+
+
+def _screenshot(browser: str, page: Path, shot: Path, tmp_path: Path, size: str) -> None:
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--force-device-scale-factor=1",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--window-size={size}",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+
+
+@pytest.mark.slow
+def test_the_browser_draws_one_bar_per_bucket_of_calls(tenant_log: Path, tmp_path: Path) -> None:
+    import os
+    import re
+    import shutil
+
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (.ci/run does)")
+        pytest.skip("no chromium on this machine")
+    page, shot = tmp_path / "report.html", tmp_path / "shot.png"
+    assert main(["report", str(tenant_log), "--html", str(page)]) == 0
+    html = page.read_text()
+    step = int(re.search(r'id="calls-chart" data-step-s="(\d+)"', html).group(1))  # type: ignore[union-attr]
+    assert step == 30  # about ten minutes of events: 30-second buckets
+    buckets = {_bucket_of(e, step) for e in _events(tenant_log)}
+    assert 6 < len(buckets) < max(buckets) - min(buckets) + 1  # some buckets are empty
+    _screenshot(browser, page, shot, tmp_path, "1000,1800")
+    image = Image.open(shot).convert("RGB")
+    width, height = image.size
+    pixels = image.load()
+    rows = [y for y in range(height) if any(pixels[x, y] == CALLS_COLOUR for x in range(width))]
+    assert rows, "the calls chart's bars are not drawn"
+    baseline = max(rows)  # every bar stands on the axis: the lowest row crosses them all
+    runs, inside = 0, False
+    for x in range(width):
+        hit = pixels[x, baseline] == CALLS_COLOUR
+        runs += hit and not inside
+        inside = hit
+    assert runs == len(buckets)
+    red = sum(1 for x in range(width) for y in range(height) if pixels[x, y] == (0xB9, 0x1C, 0x1C))
+    assert red > 100, "the budget's limit line is not drawn"
