@@ -36,7 +36,7 @@ from ._errors import (
     PriceUnknown,
     StorageError,
 )
-from ._events import emit
+from ._events import emit, warn_once
 from ._ledger import (
     PICO,
     Ledger,
@@ -643,8 +643,23 @@ class _BudgetLayer:
                 "resets_at": None if status.resets_at is None else status.resets_at.isoformat(),
             },
         )
-        if self.on_alert is not None:
-            self.on_alert(BudgetAlert(**vars(status), kind="threshold", threshold=threshold))
+        self._notify(BudgetAlert(**vars(status), kind="threshold", threshold=threshold))
+
+    def _notify(self, alert: BudgetAlert) -> None:
+        """Call ``on_alert``: the call that crossed the line is settled and goes on whatever
+        the callback does (one ``alert_callback_failed`` warning per budget if it raises)."""
+        if self.on_alert is None:
+            return
+        try:
+            self.on_alert(alert)
+        except Exception as exc:
+            warn_once(
+                f"alert_callback_failed:{alert.name}",
+                "alert_callback_failed",
+                budget=alert.name,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+                hint="on_alert raised; the call that triggered the alert was not affected",
+            )
 
     # -- spend-rate (burn) alerts ------------------------------------------------------------
     # Every settled call adds its cost to the budget key's spend per time slice (one atomic
@@ -745,8 +760,7 @@ class _BudgetLayer:
                 "resets_at": None if alert.resets_at is None else alert.resets_at.isoformat(),
             },
         )
-        if self.on_alert is not None:
-            self.on_alert(alert)
+        self._notify(alert)
 
     def _burn_rearm(self, flag: str) -> Generator[Any, Any, None]:
         """The spend rate fell back: the next episode alerts again."""

@@ -490,3 +490,23 @@ def test_an_outer_call_returning_an_inner_response_does_not_bill_it_again(
     assert outer_event["cost_source"] == "children"
     assert outer_event["cost_usd"] == 0.0
     assert outer_event["children_cost_usd"] == 0.0035
+
+
+def test_an_on_alert_callback_that_raises_does_not_fail_the_call(
+    tmp_path: Path, events: CapturedEvents
+) -> None:
+    def broken(alert: llmguard.BudgetStatus) -> None:
+        raise RuntimeError("pager down")
+
+    @llmguard.budget(
+        usd="0.01", alert_at=(0.1,), on_alert=broken, storage=f"file://{tmp_path}/s", name="al"
+    )
+    def ask(text: str, max_tokens: int = 10, model: str = "gpt-4o") -> str:
+        llmguard.record_usage(1000, 100)
+        return "ok"
+
+    assert ask("x") == "ok"  # crossed 10%: the alert fired, its callback raised
+    assert ask("x") == "ok"
+    [warning] = events.of("alert_callback_failed")
+    assert "pager down" in warning["error"]
+    assert llmguard.budget_status("al").spent_usd == Decimal("0.007")
