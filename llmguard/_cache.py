@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 from ._config import UNSET, _Unset
 from ._errors import ConfigurationError, LLMGuardError, StorageError
-from ._events import warn_once
+from ._events import warn_once, warn_outage
 from ._flight import Flight, _running_loop
 from ._keys import Binder, canonical, code_digest
 from ._money import format_usd
@@ -43,7 +43,7 @@ from ._pipeline import (
     original,
 )
 from ._serialize import Entry, EntryError, decode, encode, helper_options, unchunk
-from ._storage import Storage, open_storage, validate_uri
+from ._storage import Storage, check_storage, open_storage
 from ._stream import (
     StreamTally,
     discard,
@@ -232,13 +232,16 @@ class _CacheLayer:
             return None
 
     def _warn(self, event: str, exc: BaseException) -> None:
-        warn_once(
-            f"{self.function}:{event}",
-            event,
-            function=self.function,
-            error=f"{type(exc).__name__}: {exc}"[:300],
-            hint="the call runs without the cache",
-        )
+        """A storage failure warns once per outage of the storage; anything else once."""
+        fields = {
+            "function": self.function,
+            "error": f"{type(exc).__name__}: {exc}"[:300],
+            "hint": "the call runs without the cache",
+        }
+        if isinstance(exc, StorageError):
+            warn_outage(exc.uri, event, **fields)
+        else:
+            warn_once(f"{self.function}:{event}", event, **fields)
 
     def _read(self, storage: Storage, key: str) -> Entry | None:
         """The entry at ``key`` (None if absent or unreadable); StorageError if the storage
@@ -664,8 +667,7 @@ def cached(
             raise ConfigurationError(f"@cached({name}=...) must be callable")
     if isinstance(ignore, str):
         ignore = (ignore,)
-    if storage is not None:
-        validate_uri(storage)
+    check_storage(storage)
     if not isinstance(namespace, str) or not namespace:
         raise ConfigurationError("@cached(namespace=...) must be a non-empty string")
 

@@ -41,6 +41,19 @@ class _Settings:
 
 
 _settings = _Settings()
+_generation = 0  # bumped by every configure(): what was resolved from settings is stale
+
+
+def settings_generation() -> int:
+    """A number that changes whenever ``configure()`` (or ``reset_configuration()``) runs:
+    whatever was resolved from the settings before (a storage's folder) is to be resolved
+    again."""
+    return _generation
+
+
+def _changed() -> None:
+    global _generation
+    _generation += 1
 
 
 def configure(
@@ -56,28 +69,33 @@ def configure(
     ``cache_size_limit`` caps the bytes of cache entries a local storage keeps (default 1 GiB,
     env ``LLMGUARD_CACHE_SIZE_LIMIT``; a ``file://`` URI can say ``?size_limit=N``).
     Pass ``None`` to go back to the environment / built-in default; omit an argument to
-    leave it as it is.
+    leave it as it is. Settings take effect for every call made after this one, including
+    calls of functions decorated before (a store already opened elsewhere is left as is).
+    A ``cache_dir`` that exists and is not a folder raises ``ConfigurationError`` here.
 
     >>> import llmguard
     >>> llmguard.configure(storage="memory://")
     >>> llmguard.configure(storage=None)   # back to LLMGUARD_STORAGE or the local default
     """
-    if not isinstance(storage, _Unset):
-        if storage is not None:
-            from ._storage import validate_uri
+    if not isinstance(storage, _Unset) and storage is not None:
+        from ._storage import check_storage
 
-            validate_uri(storage)
+        check_storage(storage)
+    if not isinstance(cache_dir, _Unset) and cache_dir is not None:
+        check_folder(Path(os.fspath(cache_dir)).expanduser(), "cache_dir")
+    if (
+        not isinstance(cache_size_limit, _Unset)
+        and cache_size_limit is not None
+        and (not isinstance(cache_size_limit, int) or cache_size_limit <= 0)
+    ):
+        raise ConfigurationError(f"cache_size_limit must be bytes > 0, got {cache_size_limit!r}")
+    if not isinstance(storage, _Unset):
         _settings.storage = storage
     if not isinstance(cache_dir, _Unset):
         _settings.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     if not isinstance(cache_size_limit, _Unset):
-        if cache_size_limit is not None and (
-            not isinstance(cache_size_limit, int) or cache_size_limit <= 0
-        ):
-            raise ConfigurationError(
-                f"cache_size_limit must be bytes > 0, got {cache_size_limit!r}"
-            )
         _settings.cache_size_limit = cache_size_limit
+    _changed()
 
 
 def reset_configuration() -> None:
@@ -85,6 +103,7 @@ def reset_configuration() -> None:
     _settings.storage = None
     _settings.cache_dir = None
     _settings.cache_size_limit = None
+    _changed()
 
 
 def storage_uri() -> str:
@@ -122,12 +141,22 @@ def cache_dir() -> Path:
     return base / "llmguard"
 
 
+def check_folder(path: Path, what: str) -> None:
+    """ConfigurationError if ``path`` exists and is not a folder (checked when a decorator is
+    applied or ``configure()`` is called; found only later, it is a storage failure)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigurationError(
+            f"{what} {path} exists and is not a folder: choose a folder for llmguard's state"
+        )
+
+
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700; refuse a path that is not a folder."""
+    """Create ``path`` (and parents) with mode 0700; refuse a path that is not a folder (an
+    OSError: at call time, this is the storage failing, not a configuration error)."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except FileExistsError as exc:
-        raise ConfigurationError(
+    except FileExistsError:
+        raise NotADirectoryError(
             f"{path} exists and is not a folder: choose another cache_dir"
-        ) from exc
+        ) from None
     return path
