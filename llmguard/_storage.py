@@ -41,7 +41,7 @@ from ._config import (
     storage_uri,
 )
 from ._errors import ConfigurationError, LLMGuardError, StorageError, require
-from ._events import emit, outages, storage_answered, storage_failed, warn_once
+from ._events import outages, storage_answered, storage_failed, warn_once
 from ._redact import redact_uri, scrub
 
 
@@ -489,22 +489,21 @@ class LocalStorage(Storage):
             self._check_at = now + self.CHECK_INTERVAL
             if all(self._identity(f) == known for f, known in self._opened.items()):
                 return
+            gone = self._opened.get(self.directory) or next(iter(self._opened.values()))
             stale = [c for c in (self._cache, self._entries) if c is not None]
             self._cache = self._entries = None
             self._opened.clear()
         for cache in stale:
             with contextlib.suppress(Exception):
                 cache.close()
-        emit(
-            "warning",
+        warn_once(  # once per folder replaced, whichever instances had it open
+            f"{self.directory}:{gone}",
             "storage_folder_replaced",
-            {
-                "storage": self.uri,
-                "hint": "the cache folder was deleted or replaced while in use (a temp "
-                "cleaner?): llmguard opened the one now on disk; what the old one held (cache "
-                "entries, rate-limit windows, budget spend so far) is gone. Keep cache_dir out "
-                "of folders that are cleaned (such as /tmp), or use redis://",
-            },
+            storage=self.uri,
+            hint="the cache folder was deleted or replaced while in use (a temp cleaner?): "
+            "llmguard uses the one now on disk; what the old one held (cache entries, "
+            "rate-limit windows, budget spend so far) is gone. Keep cache_dir out of folders "
+            "that are cleaned (such as /tmp), or use redis://",
         )
 
     @contextlib.contextmanager
