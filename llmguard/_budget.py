@@ -289,12 +289,13 @@ class _BudgetLayer:
             validate_uri(storage)
             return ledger_for(open_storage(storage))
         if self._ledger is None or self._generation != settings_generation():
-            self._generation = settings_generation()  # configure() may have moved it
+            generation = settings_generation()  # configure() may have moved the storage
             opened = open_storage(self.storage_uri)
             if self._ledger is None or self._ledger.storage is not opened:
                 self._ledger = ledger_for(opened)
                 self._remote = opened.remote
                 self._published.clear()  # a storage that has not seen the definitions yet
+            self._generation = generation
         return self._ledger
 
     def _unavailable(self, name: str, error: StorageError) -> None:

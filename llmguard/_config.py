@@ -70,8 +70,8 @@ def configure(
     env ``LLMGUARD_CACHE_SIZE_LIMIT``; a ``file://`` URI can say ``?size_limit=N``).
     Pass ``None`` to go back to the environment / built-in default; omit an argument to
     leave it as it is. Settings take effect for every call made after this one, including
-    calls of functions decorated before (a store already opened elsewhere is left as is).
-    A ``cache_dir`` that exists and is not a folder raises ``ConfigurationError`` here.
+    calls of functions decorated before. A ``cache_dir`` (or ``file://`` storage) that
+    exists and is not a folder raises ``ConfigurationError`` here.
 
     >>> import llmguard
     >>> llmguard.configure(storage="memory://")

@@ -238,9 +238,10 @@ class _RateLimitLayer:
         if self._strategies is None or self._generation != settings_generation():
             from limits.strategies import SlidingWindowCounterRateLimiter
 
-            self._generation = settings_generation()
+            generation = settings_generation()
             storage, self._remote = limits_storage(self.storage_uri, self.clock)
             self._strategies = (storage, SlidingWindowCounterRateLimiter(storage))
+            self._generation = generation
         return self._strategies
 
     def _unavailable(self, call: CallRecord, error: StorageError) -> None:
