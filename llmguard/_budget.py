@@ -27,7 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import _validate as validate
-from ._config import UNSET, _Unset
+from ._config import UNSET, _Unset, settings_generation
 from ._errors import (
     BudgetExceeded,
     BudgetUnavailable,
@@ -36,7 +36,7 @@ from ._errors import (
     PriceUnknown,
     StorageError,
 )
-from ._events import emit, warn_once
+from ._events import emit, warn_once, warn_outage
 from ._ledger import (
     PICO,
     Ledger,
@@ -349,6 +349,7 @@ class _BudgetLayer:
         self.async_sleep = async_sleep
         self.definition = BudgetDefinition(limit, period, tz, key is not None)
         self._ledger: Ledger | None = None
+        self._generation = -1  # the settings the ledger's storage was resolved under
         self._remote = False
         self._published: set[str] = set()  # budget names whose definition is stored
         # The learned floors, per (budget, function, model): see _learn.
@@ -366,11 +367,27 @@ class _BudgetLayer:
         if storage is not None and storage != self.storage_uri:
             validate_uri(storage)
             return ledger_for(open_storage(storage))
-        if self._ledger is None:
+        if self._ledger is None or self._generation != settings_generation():
+            generation = settings_generation()  # configure() may have moved the storage
             opened = open_storage(self.storage_uri)
-            self._ledger = ledger_for(opened)
-            self._remote = opened.remote
+            if self._ledger is None or self._ledger.storage is not opened:
+                self._ledger = ledger_for(opened)
+                self._remote = opened.remote
+                self._published.clear()  # a storage that has not seen the definitions yet
+            self._generation = generation
         return self._ledger
+
+    def _unavailable(self, name: str, error: StorageError) -> None:
+        """One ``budget_unavailable`` warning per outage of the ledger's storage."""
+        warn_outage(
+            error.uri,
+            "budget_unavailable",
+            budget=name,
+            error=str(error)[:300],
+            hint="calls run unmetered (fail_open=True) until the ledger answers again"
+            if self.fail_open
+            else "calls are refused (BudgetUnavailable) until the ledger answers again",
+        )
 
     def _window(self) -> tuple[str, datetime | None, datetime | None, float | None]:
         return self.definition.window(self.clock())
@@ -496,13 +513,13 @@ class _BudgetLayer:
                 )
                 ok, spent, reserved = (yield Blocking(reserve)) if self._remote else reserve()
             except StorageError as exc:
+                self._unavailable(name, exc)
                 if not self.fail_open:
                     raise BudgetUnavailable(
                         f"budget {name!r}: its ledger cannot be reached ({exc}); calls are "
                         "refused rather than run unmetered. @budget(fail_open=True) lets them "
                         "through."
                     ) from exc
-                emit("warning", "budget_unavailable", {"budget": name, "error": str(exc)[:300]})
                 return (yield PROCEED)
             if ok or not self._may_wait(spent, amount, waited):
                 break
@@ -603,7 +620,7 @@ class _BudgetLayer:
         try:
             spent, reserved = (yield Blocking(settle)) if self._remote else settle()
         except StorageError as exc:
-            emit("warning", "budget_unavailable", {"budget": name, "error": str(exc)[:300]})
+            self._unavailable(name, exc)
             return
         status = self._status(name, key, spent, reserved, start, end)
         call.fields["budget_spent_usd"] = float(status.spent_usd)

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 from . import _validate as validate
 from ._config import UNSET, _Unset
 from ._errors import LLMGuardError, StorageError
-from ._events import warn_once
+from ._events import warn_once, warn_outage
 from ._flight import Flight, _running_loop
 from ._keys import Binder, canonical, code_digest
 from ._lease import Lease
@@ -216,13 +216,16 @@ class _CacheLayer:
             return None
 
     def _warn(self, event: str, exc: BaseException) -> None:
-        warn_once(
-            f"{self.function}:{event}",
-            event,
-            function=self.function,
-            error=f"{type(exc).__name__}: {exc}"[:300],
-            hint="the call runs without the cache",
-        )
+        """A storage failure warns once per outage of the storage; anything else once."""
+        fields = {
+            "function": self.function,
+            "error": f"{type(exc).__name__}: {exc}"[:300],
+            "hint": "the call runs without the cache",
+        }
+        if isinstance(exc, StorageError):
+            warn_outage(exc.uri, event, **fields)
+        else:
+            warn_once(f"{self.function}:{event}", event, **fields)
 
     def _read(self, storage: Storage, key: str) -> Entry | None:
         """The entry at ``key`` (None if absent or unreadable); StorageError if the storage

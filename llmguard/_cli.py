@@ -17,7 +17,7 @@ from ._money import decimal_text, format_usd
 from ._prices import PerMTok, Tiered, get_price
 from ._redact import redact_uri, scrub
 from ._report import DIMENSIONS, check_dimension
-from ._storage import open_storage
+from ._storage import check_storage, open_storage
 from ._tokens import count_tokens
 from ._version import __version__
 
@@ -559,6 +559,8 @@ def _run(args: argparse.Namespace) -> int:
         return code
 
     try:
+        if hasattr(args, "storage"):  # a bad --storage is a usage error, found before opening
+            check_storage(args.storage)
         code = int(args.run(args))
         sys.stdout.flush()  # a closed pipe shows here, inside the boundary
         return code

@@ -41,6 +41,19 @@ class _Settings:
 
 
 _settings = _Settings()
+_generation = 0  # bumped by every configure(): what was resolved from settings is stale
+
+
+def settings_generation() -> int:
+    """A number that changes whenever ``configure()`` (or ``reset_configuration()``) runs:
+    whatever was resolved from the settings before (a storage's folder) is to be resolved
+    again."""
+    return _generation
+
+
+def _changed() -> None:
+    global _generation
+    _generation += 1
 
 
 def configure(
@@ -56,7 +69,9 @@ def configure(
     ``cache_size_limit`` caps the bytes of cache entries a local storage keeps (default 1 GiB,
     env ``LLMGUARD_CACHE_SIZE_LIMIT``; a ``file://`` URI can say ``?size_limit=N``).
     Pass ``None`` to go back to the environment / built-in default; omit an argument to
-    leave it as it is.
+    leave it as it is. Settings take effect for every call made after this one, including
+    calls of functions decorated before. A ``cache_dir`` (or ``file://`` storage) that
+    exists and is not a folder raises ``ConfigurationError`` here.
 
     >>> import llmguard
     >>> llmguard.configure(storage="memory://")
@@ -82,6 +97,7 @@ def configure(
                 "configure", "cache_dir", cache_dir, "cache_dir must be a str path, not bytes"
             )
         folder = str(os.fspath(cache_dir))
+        check_folder(Path(folder).expanduser(), "cache_dir")
     if not isinstance(cache_size_limit, _Unset):
         validate.integer(
             cache_size_limit,
@@ -98,6 +114,7 @@ def configure(
         _settings.cache_dir = folder
     if not isinstance(cache_size_limit, _Unset):
         _settings.cache_size_limit = cache_size_limit
+    _changed()
 
 
 def reset_configuration() -> None:
@@ -105,6 +122,7 @@ def reset_configuration() -> None:
     _settings.storage = None
     _settings.cache_dir = None
     _settings.cache_size_limit = None
+    _changed()
 
 
 def storage_uri() -> str:
@@ -142,12 +160,22 @@ def cache_dir() -> Path:
     return base / "llmguard"
 
 
+def check_folder(path: Path, what: str) -> None:
+    """ConfigurationError if ``path`` exists and is not a folder (checked when a decorator is
+    applied or ``configure()`` is called; found only later, it is a storage failure)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigurationError(
+            f"{what} {path} exists and is not a folder: choose a folder for llmguard's state"
+        )
+
+
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700; refuse a path that is not a folder."""
+    """Create ``path`` (and parents) with mode 0700; refuse a path that is not a folder (an
+    OSError: at call time, this is the storage failing, not a configuration error)."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except FileExistsError as exc:
-        raise ConfigurationError(
+    except FileExistsError:
+        raise NotADirectoryError(
             f"{path} exists and is not a folder: choose another cache_dir"
-        ) from exc
+        ) from None
     return path

@@ -266,10 +266,71 @@ def warn_once(key: str, event: str, **fields: Any) -> None:
     emit("warning", event, fields)
 
 
+class _Outage:
+    """One storage's current outage: since when, whether a write failed in it, and which
+    warning events it has given."""
+
+    __slots__ = ("since", "warned", "writes")
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+        self.writes = False
+        self.warned: set[str] = set()
+
+
+outages: dict[str, _Outage] = {}
+"""The storages (URIs, passwords masked) in an outage now. Empty almost always, so the hot
+path of a storage operation only tests it for truth."""
+
+
+def storage_failed(storage: str, *, write: bool) -> None:
+    """An operation on ``storage`` failed (``write``: one that changes it): it is in an
+    outage until an operation succeeds again (a write, if a write failed: a read-only
+    folder or replica answers reads, and is still down for what needs writes)."""
+    with _warned_lock:
+        outage = outages.get(storage)
+        if outage is None:
+            outage = outages[storage] = _Outage()
+        outage.writes = outage.writes or write
+
+
+def storage_answered(storage: str, *, write: bool) -> None:
+    """An operation on ``storage`` succeeded: an outage it was in is over, so one
+    ``storage_recovered`` event (info) is emitted and its warnings are armed again."""
+    with _warned_lock:
+        outage = outages.get(storage)
+        if outage is None or (outage.writes and not write):
+            return
+        del outages[storage]
+    emit(
+        "info",
+        "storage_recovered",
+        {
+            "storage": storage,
+            "outage_s": round(time.monotonic() - outage.since, 3),
+            "warned": sorted(outage.warned),
+        },
+    )
+
+
+def warn_outage(storage: str, event: str, **fields: Any) -> None:
+    """Emit the warning ``event`` about ``storage`` (its URI, password masked) once per
+    outage: not again until the storage has answered since (see :func:`storage_answered`)."""
+    with _warned_lock:
+        outage = outages.get(storage)
+        if outage is None:
+            outage = outages[storage] = _Outage()
+        if event in outage.warned:
+            return
+        outage.warned.add(event)
+    emit("warning", event, {"storage": storage, **fields})
+
+
 def reset_warnings() -> None:
-    """Forget which one-time warnings were given (for tests)."""
+    """Forget which one-time warnings were given and which storages are down (for tests)."""
     with _warned_lock:
         _warned.clear()
+        outages.clear()
 
 
 class _JSONLines:

@@ -245,7 +245,7 @@ class DocLedger:
     def raise_floor(self, name: str, field: str, cost: int) -> int:
         """Make that floor at least ``cost``; returns it."""
         key = FLOOR_PREFIX + encode_part(name)
-        with _wrapped(self.storage.uri, "floor"), self.storage.atomic():
+        with _wrapped(self.storage.uri, "raise floor"), self.storage.atomic():
             doc = self._floors(name)
             if not isinstance(doc.get(field), int) or doc[field] < cost:
                 doc[field] = cost
@@ -425,7 +425,7 @@ class RedisLedger:
 
     def raise_floor(self, name: str, field: str, cost: int) -> int:
         """Make that floor at least ``cost``; returns it."""
-        with _wrapped(self.storage.uri, "floor"):
+        with _wrapped(self.storage.uri, "raise floor"):
             value = self._raise_floor(
                 keys=[self.storage.key(FLOOR_PREFIX + encode_part(name))], args=[field, cost]
             )

@@ -7,10 +7,17 @@ request) and the sliding window counter (two counters per key) stay exact across
 Both read the time from ``clock`` (``time.time`` unless ``@rate_limited(clock=...)`` gives
 another), so tests can move time instead of sleeping. diskcache expires idle keys by real
 time, so under another clock the folder's keys are left to the windows' own arithmetic.
+
+Every operation ``limits`` calls on these storages (and on the Redis one) runs inside
+llmguard's storage seam (:data:`llmguard._storage.storage_errors`), like every operation of
+llmguard's own storages: a backend's exception (``sqlite3.DatabaseError``, redis-py's
+``ConnectionError``/``TimeoutError``...) reaches ``@rate_limited`` as a ``StorageError``
+with the original chained, and the storage's outages are tracked in one place.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
@@ -23,11 +30,54 @@ from urllib.parse import unquote, urlsplit
 from limits.storage import MovingWindowSupport, RedisStorage, SlidingWindowCounterSupport, Storage
 from limits.storage.base import TimestampedSlidingWindow
 
+from ._storage import REDIS_TIMEOUTS, storage_errors
+
 _PREFIX = "llmguard:limits:"
+
+# What limits (and llmguard's rate limiter) call on a storage: the methods limits itself
+# wraps with its own error handling, and decr.
+_OPERATIONS = (
+    "incr",
+    "decr",
+    "get",
+    "get_expiry",
+    "reset",
+    "clear",
+    "acquire_entry",
+    "get_moving_window",
+    "acquire_sliding_window_entry",
+    "get_sliding_window",
+    "clear_sliding_window",
+)
+
+
+def _through_seam(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def operation(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with storage_errors(self.storage_uri, name):
+            return method(self, *args, **kwargs)
+
+    operation.__llmguard_seam__ = True  # type: ignore[attr-defined]
+    return operation
+
+
+class _Seam:
+    """Runs every storage operation of a ``limits`` storage class (and its subclasses) inside
+    llmguard's storage seam, outside limits' own error wrapping. ``storage_uri`` is the
+    llmguard storage URI errors and outages name."""
+
+    storage_uri: str
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)  # limits wraps its methods first: ours go outside
+        for name in _OPERATIONS:
+            method = getattr(cls, name, None)
+            if method is not None and not getattr(method, "__llmguard_seam__", False):
+                setattr(cls, name, _through_seam(name, method))
 
 
 class DiskCacheLimitsStorage(
-    Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow
+    _Seam, Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow
 ):
     """``limits`` storage for ``llmguard+file:///path/to/folder`` (llmguard's local storage)."""
 
@@ -44,6 +94,7 @@ class DiskCacheLimitsStorage(
 
         parts = urlsplit(uri or "")
         self.local = LocalStorage(unquote(parts.netloc + parts.path))
+        self.storage_uri = self.local.uri
         self.clock = clock
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
 
@@ -61,10 +112,14 @@ class DiskCacheLimitsStorage(
     def _cache(self) -> Any:
         return self.local.cache
 
+    def _atomic(self) -> Any:
+        """One transaction, on the folder now on disk (never reopened in the middle)."""
+        return self.local.atomic()
+
     # -- counters (fixed window, and the sliding window's two windows) ----------------------
     def incr(self, key: str, expiry: float, amount: int = 1) -> int:
-        cache = self._cache
-        with cache.transact():
+        with self._atomic():
+            cache = self._cache
             created = cache.get(_PREFIX + key) is None
             value = int(cache.incr(_PREFIX + key, amount, default=0))
             if created:
@@ -72,8 +127,8 @@ class DiskCacheLimitsStorage(
             return value
 
     def decr(self, key: str, amount: int = 1) -> int:
-        cache = self._cache
-        with cache.transact():
+        with self._atomic():
+            cache = self._cache
             current = int(cache.get(_PREFIX + key, 0))
             if current == 0:
                 return 0
@@ -110,8 +165,8 @@ class DiskCacheLimitsStorage(
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         if amount > limit:
             return False
-        cache = self._cache
-        with cache.transact():
+        with self._atomic():
+            cache = self._cache
             now = self.clock()
             entries = self._window(key, expiry, now)
             if len(entries) + amount > limit:
@@ -139,7 +194,7 @@ class DiskCacheLimitsStorage(
     ) -> bool:
         if amount > limit:
             return False
-        with self._cache.transact():
+        with self._atomic():
             now = self.clock()
             previous, previous_ttl, current, _ = self._sliding(key, expiry, now)
             if floor(previous * previous_ttl / expiry + current) + amount > limit:
@@ -222,6 +277,7 @@ class MemoryLimitsStorage(DiskCacheLimitsStorage):
         **options: Any,
     ) -> None:
         self.clock = clock
+        self.storage_uri = uri or "memory://"
         self._dict = _DictCache(clock)
         Storage.__init__(self, uri, wrap_exceptions=wrap_exceptions, **options)
 
@@ -235,6 +291,9 @@ class MemoryLimitsStorage(DiskCacheLimitsStorage):
     @property
     def _cache(self) -> Any:
         return self._dict
+
+    def _atomic(self) -> Any:
+        return self._dict.transact()
 
 
 # limits' own acquire script, but expiring the key in milliseconds: llmguard widens request
@@ -260,10 +319,17 @@ return true
 """
 
 
-class RedisMovingWindowStorage(RedisStorage):
-    """limits' Redis storage, taking fractional-second moving windows."""
+class RedisMovingWindowStorage(_Seam, RedisStorage):
+    """limits' Redis storage, taking fractional-second moving windows, with llmguard's
+    Redis timeouts (:data:`llmguard._storage.REDIS_TIMEOUTS`; the URI's
+    ``?socket_timeout=`` wins): limits sets none, and a Redis that accepts connections but
+    never answers would hang the call. ``storage_uri`` is the llmguard URI errors name."""
 
     STORAGE_SCHEME = ["llmguard+redis"]  # noqa: RUF012 - never claim limits' own schemes
+
+    def __init__(self, uri: str, *, storage_uri: str, **options: Any) -> None:
+        self.storage_uri = storage_uri
+        super().__init__(uri, **{**REDIS_TIMEOUTS, **options})
 
     def initialize_storage(self, uri: str) -> None:
         super().initialize_storage(uri)

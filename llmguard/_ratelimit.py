@@ -13,6 +13,10 @@ by how much of it still overlaps.
 Waiting for the window is queueing, not a failure: by default a blocked call waits as long
 as its window needs (``max_wait=None``), and ``@retry_on_rate_limit`` neither retries a
 local refusal nor counts the queueing against its ``max_time``.
+
+When the storage fails (unreachable, hung, corrupt, read-only...), ``on_storage_error``
+decides: ``"allow"`` (default) lets the call through unlimited, with one
+``rate_limit_unavailable`` warning per outage; ``"raise"`` raises the ``StorageError``.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from . import _validate as validate
-from ._config import UNSET, _Unset, storage_uri
-from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge
-from ._events import emit
+from ._config import UNSET, _Unset, settings_generation, storage_uri
+from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge, StorageError
+from ._events import emit, warn_outage
 from ._pipeline import (
     PROCEED,
     Blocking,
@@ -93,7 +97,9 @@ def limits_storage(uri: str | None, clock: Callable[[], float] = time.time) -> t
 
                 connection_uri, prefix = split_redis_prefix(chosen)
                 found = (
-                    RedisMovingWindowStorage(connection_uri, key_prefix=f"{prefix}LIMITS"),
+                    RedisMovingWindowStorage(
+                        connection_uri, key_prefix=f"{prefix}LIMITS", storage_uri=chosen
+                    ),
                     True,
                 )
             else:
@@ -240,6 +246,7 @@ class _RateLimitLayer:
         storage: str | None,
         default_output_tokens: int,
         margin: float | None,
+        on_storage_error: str,
         clock: Callable[[], float],
         sleep: Callable[[float], None] | None,
         async_sleep: Callable[[float], Awaitable[None]] | None,
@@ -253,20 +260,39 @@ class _RateLimitLayer:
         self.storage_uri = storage
         self.default_output_tokens = default_output_tokens
         self.margin = margin
+        self.on_storage_error = on_storage_error
         self.clock = clock
         self.sleep = sleep
         self.async_sleep = async_sleep
         self._strategies: tuple[Any, Any] | None = None
         self._remote = False
+        self._generation = -1  # the settings the storage was resolved under
 
     def strategies(self) -> tuple[Any, Any]:
-        """(the moving-window storage, limits' sliding window counter limiter)."""
-        if self._strategies is None:
+        """(the moving-window storage, limits' sliding window counter limiter), resolved
+        again after ``configure()``."""
+        if self._strategies is None or self._generation != settings_generation():
             from limits.strategies import SlidingWindowCounterRateLimiter
 
+            generation = settings_generation()
             storage, self._remote = limits_storage(self.storage_uri, self.clock)
             self._strategies = (storage, SlidingWindowCounterRateLimiter(storage))
+            self._generation = generation
         return self._strategies
+
+    def _unavailable(self, call: CallRecord, error: StorageError) -> None:
+        """The storage failed: raise (``on_storage_error="raise"``), or let the call through
+        unlimited with one warning per outage."""
+        if self.on_storage_error == "raise":
+            raise error
+        warn_outage(
+            error.uri,
+            "rate_limit_unavailable",
+            function=call.spec.name,
+            error=f"{type(error).__name__}: {error}"[:300],
+            hint="calls run without this rate limit until the storage answers again; "
+            "@rate_limited(on_storage_error='raise') refuses them instead",
+        )
 
     def token_cost(self, call: CallRecord) -> int:
         """Tokens the provider counts against TPM: prompt tokens plus the output budget."""
@@ -344,8 +370,11 @@ class _RateLimitLayer:
         held = False
         try:
             while True:
-                if self._strategies is None or self._remote:
+                try:
                     self.strategies()
+                except StorageError as exc:
+                    self._unavailable(call, exc)
+                    break
                 if queue is None and self.block and self.max_wait is None:
                     line = _queue_for(self._strategies[0] if self._strategies else None, ids)
                     if line.busy():  # others already wait for this limit: queue behind them
@@ -355,10 +384,14 @@ class _RateLimitLayer:
                     yield Call(queue.acquire, queue.acquire_async)
                     held = True
                     waited += max(self.clock() - before, 0.0)
-                if self._remote:
-                    wait, item = yield Blocking(lambda: self._attempt(ids, cost))
-                else:
-                    wait, item = self._attempt(ids, cost)
+                try:
+                    if self._remote:
+                        wait, item = yield Blocking(lambda: self._attempt(ids, cost))
+                    else:
+                        wait, item = self._attempt(ids, cost)
+                except StorageError as exc:
+                    self._unavailable(call, exc)
+                    break
                 if not wait:
                     break
                 if not self.block or (self.max_wait is not None and waited + wait > self.max_wait):
@@ -409,6 +442,7 @@ def rate_limited(
     storage: str | None = None,
     default_output_tokens: int = 1024,
     margin: float | None = None,
+    on_storage_error: Literal["allow", "raise"] = "allow",
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] | None = None,
     async_sleep: Callable[[float], Awaitable[None]] | None = None,
@@ -434,7 +468,11 @@ def rate_limited(
     (``memory://``) or across machines (``redis://``). ``margin`` widens request windows by
     that many seconds (default: 2% of the window, at least 50 ms), so requests still fit the
     provider's window when they reach it a little after their grant. The event gets
-    ``rate_wait_s`` (seconds queued, summed over the call's attempts). ``clock``, ``sleep``
+    ``rate_wait_s`` (seconds queued, summed over the call's attempts). When the storage
+    fails, ``on_storage_error="allow"`` (the default) lets calls through unlimited, with one
+    ``rate_limit_unavailable`` warning per outage (a limiter is there to spare the provider
+    429s, which ``@retry_on_rate_limit`` handles: its outage must not take the application
+    down); ``"raise"`` raises ``StorageError``. ``clock``, ``sleep``
     and ``async_sleep`` make waits exact and instant in tests (``clock`` with local or
     ``memory://`` storage: Redis keeps its own time).
     """
@@ -481,6 +519,9 @@ def rate_limited(
     )
     validate.function(sleep, "sleep", decorator=where)
     validate.function(async_sleep, "async_sleep", decorator=where)
+    validate.choice(
+        on_storage_error, "on_storage_error", decorator=where, choices=("allow", "raise")
+    )
     validate.storage(storage, decorator=where)
     if storage is not None and _scheme(storage) not in _SCHEMES:
         raise validate.refuse(
@@ -498,6 +539,7 @@ def rate_limited(
         storage=storage,
         default_output_tokens=default_output_tokens,
         margin=margin_s,
+        on_storage_error=on_storage_error,
         clock=clock,
         sleep=sleep,
         async_sleep=async_sleep,

@@ -27,15 +27,22 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from ._config import cache_dir, cache_size_limit, ensure_private_dir, storage_uri
+from ._config import (
+    cache_dir,
+    cache_size_limit,
+    check_folder,
+    ensure_private_dir,
+    settings_generation,
+    storage_uri,
+)
 from ._errors import ConfigurationError, LLMGuardError, StorageError, require
-from ._events import warn_once
-from ._redact import redact_uri
+from ._events import outages, storage_answered, storage_failed, warn_once
+from ._redact import redact_uri, scrub
 
 
 class Storage(ABC):
@@ -116,8 +123,22 @@ class Storage(ABC):
         return f"<{type(self).__name__} {redact_uri(self.uri)!r}>"
 
 
+# Operations that only read: a success of one does not end an outage in which a write
+# failed (a read-only folder or replica answers them, and is still down for the rest).
+_READS = frozenset({"get", "floor", "get_moving_window", "get_sliding_window", "get_expiry"})
+
+
+@functools.lru_cache(maxsize=256)
+def _shown(uri: str) -> str:
+    return redact_uri(uri)
+
+
 class _wrapped:
-    """``with _wrapped(uri, "get"):`` turns a backend's exception into a StorageError.
+    """``with _wrapped(uri, "get"):`` turns a backend's exception into a StorageError (its
+    own exception chained as ``__cause__``), and keeps the storage's outage state: a failure
+    starts an outage, the first success after it ends it (one ``storage_recovered`` event).
+    The one seam between llmguard and a backend: every operation of the local and Redis
+    storages, the budget ledgers and the rate limits' storages runs inside it.
     (A class, not @contextmanager: it runs on every cache hit.)"""
 
     __slots__ = ("uri", "what")
@@ -132,13 +153,22 @@ class _wrapped:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        if exc is None or not isinstance(exc, Exception):
+        if exc is None:
+            if outages:  # some storage is down: is it this one, back?
+                storage_answered(_shown(self.uri), write=self.what not in _READS)
             return
-        if isinstance(exc, (StorageError, ConfigurationError)):
+        if not isinstance(exc, Exception) or isinstance(exc, (ConfigurationError, RefusedRow)):
+            return
+        storage_failed(_shown(self.uri), write=self.what not in _READS)
+        if isinstance(exc, StorageError):
             return
         raise StorageError(
             f"{self.what} failed: {type(exc).__name__}: {exc}", uri=self.uri
         ) from exc
+
+
+storage_errors = _wrapped
+"""The seam under its public name, for the modules that adapt other libraries' storages."""
 
 
 class MemoryStorage(Storage):
@@ -371,7 +401,16 @@ class LocalStorage(Storage):
     (StorageError otherwise: whoever can write it could plant entries or budget records).
     Rows llmguard did not write and will not use (a pickled key, a file outside the
     folder) are skipped or dropped and counted in ``refused_rows``, with one warning.
+
+    A folder deleted or replaced while open (a temp cleaner) is noticed within
+    ``CHECK_INTERVAL`` seconds, and at once by every atomic block (each budget ledger
+    transaction), by comparing the device and inode of the folder and of its database with
+    those it had when opened: the storage then reopens the folder on disk (one
+    ``storage_folder_replaced`` warning), so processes never keep writing to a deleted copy
+    while others use a new one.
     """
+
+    CHECK_INTERVAL = 1.0
 
     def __init__(
         self, directory: str | os.PathLike[str], *, size_limit: int = DEFAULT_SIZE_LIMIT
@@ -387,6 +426,11 @@ class LocalStorage(Storage):
         self._entries: Any = None
         self._lock = threading.Lock()
         self.refused_rows = 0
+        # The identity of each folder whose database is open (see _identity), the next time
+        # to compare it with the disk, and this thread's depth of atomic blocks.
+        self._opened: dict[Path, tuple[int, int, int, int]] = {}
+        self._check_at = 0.0
+        self._depth = threading.local()
 
     def _refused(self, what: str) -> None:
         self.refused_rows += 1
@@ -432,18 +476,69 @@ class LocalStorage(Storage):
             database = folder / "cache.db"  # created 0600 before SQLite creates it 0644
             flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
             os.close(os.open(database, flags, 0o600))
+            identity = self._identity(folder)  # before opening: a replacement meanwhile shows
             cache = diskcache.Cache(str(folder), disk=_safe_disk(), timeout=60, **settings)
             cache.disk.on_refused = self._refused
+            if identity is not None:
+                self._opened[folder] = identity
             return cache
 
-    def atomic(self) -> Any:
+    @staticmethod
+    def _identity(folder: Path) -> tuple[int, int, int, int] | None:
+        """(device, inode) of ``folder`` and of its database, or None if either is gone."""
+        try:
+            here, database = os.stat(folder), os.stat(folder / "cache.db")
+        except OSError:
+            return None
+        return here.st_dev, here.st_ino, database.st_dev, database.st_ino
+
+    def _verify(self, force: bool = False) -> None:
+        """Reopen the folder if it was deleted or replaced since it was opened: compared
+        with the disk at most once per CHECK_INTERVAL, or now if ``force``; never inside
+        this thread's atomic block."""
+        now = time.monotonic()
+        inside: int = getattr(self._depth, "n", 0)
+        if (now < self._check_at and not force) or inside:
+            return
+        with self._lock:
+            self._check_at = now + self.CHECK_INTERVAL
+            if all(self._identity(f) == known for f, known in self._opened.items()):
+                return
+            gone = self._opened.get(self.directory) or next(iter(self._opened.values()))
+            stale = [c for c in (self._cache, self._entries) if c is not None]
+            self._cache = self._entries = None
+            self._opened.clear()
+        for cache in stale:
+            with contextlib.suppress(Exception):
+                cache.close()
+        warn_once(  # once per folder replaced, whichever instances had it open
+            f"{self.directory}:{gone}",
+            "storage_folder_replaced",
+            storage=self.uri,
+            hint="the cache folder was deleted or replaced while in use (a temp cleaner?): "
+            "llmguard uses the one now on disk; what the old one held (cache entries, "
+            "rate-limit windows, budget spend so far) is gone. Keep cache_dir out of folders "
+            "that are cleaned (such as /tmp), or use redis://",
+        )
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
         """A block in which get/set/... are one atomic step across every process (an SQLite
-        transaction on the state database)."""
-        return self.cache.transact()
+        transaction on the state database), on the folder now on disk."""
+        self._verify(force=True)
+        with self.cache.transact():
+            depth = self._depth
+            depth.n = getattr(depth, "n", 0) + 1
+            try:
+                yield
+            finally:
+                depth.n -= 1
 
     @property
     def cache(self) -> Any:
         """The state ``diskcache.Cache`` (never evicted), opened on first use."""
+        if time.monotonic() >= self._check_at:
+            self._verify()
         if self._cache is None:
             with self._lock:
                 if self._cache is None:
@@ -453,6 +548,8 @@ class LocalStorage(Storage):
     @property
     def entries(self) -> Any:
         """The cache entries' ``diskcache.Cache`` (size-limited, evicting)."""
+        if time.monotonic() >= self._check_at:
+            self._verify()
         if self._entries is None:
             with self._lock:
                 if self._entries is None:
@@ -580,6 +677,7 @@ class LocalStorage(Storage):
             if cache is not None:
                 cache.close()
         self._cache = self._entries = None
+        self._opened.clear()
 
 
 _RELEASE = """
@@ -616,22 +714,29 @@ def split_redis_prefix(uri: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), prefixes[-1]
 
 
+REDIS_TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+"""Seconds a Redis client of llmguard's waits to connect and for each answer, unless the
+URI says otherwise (``?socket_timeout=0.5&socket_connect_timeout=1``: redis-py reads them,
+and they win over these): a Redis that accepts connections and never answers fails each
+operation after this long instead of hanging the call."""
+
+
 class RedisStorage(Storage):
     """Redis: shared by every process on every machine that uses the same URI.
 
     ``?prefix=app1:`` in the URI puts every key llmguard writes (cache entries, locks,
     ledgers, rate-limit windows) under that prefix, and makes ``clear``, ``count`` and
     ``keys`` see only those: several applications (or test runs) can share one database.
-    Keys passed to and returned by the methods are without the prefix.
+    Keys passed to and returned by the methods are without the prefix. Operations time out
+    after :data:`REDIS_TIMEOUTS` (``?socket_timeout=`` and ``?socket_connect_timeout=`` in
+    the URI change them).
     """
 
     def __init__(self, uri: str) -> None:
         redis = require("redis", extra="redis", what=f"storage {redact_uri(uri)!r}")
         self.uri = uri
         self.connection_uri, self.prefix = split_redis_prefix(uri)
-        self.client = redis.Redis.from_url(
-            self.connection_uri, socket_timeout=5, socket_connect_timeout=5
-        )
+        self.client = redis.Redis.from_url(self.connection_uri, **REDIS_TIMEOUTS)
         self._incr = self.client.register_script(_INCR_WITH_TTL)
         self._release = self.client.register_script(_RELEASE)
         self._renew = self.client.register_script(_RENEW)
@@ -711,25 +816,32 @@ def _redis_glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
+_LOCAL_ALIASES = ("local", "disk", "local://", "disk://")
+_LOCAL_SCHEMES = ("local", "disk", "file")
+
+
+def _local_place(uri: str) -> tuple[Path, int]:
+    """(folder, size limit) of a local storage URI, from the settings in force now."""
+    if uri in _LOCAL_ALIASES:
+        return cache_dir(), cache_size_limit()
+    if not uri.startswith("file://"):
+        return Path(uri).expanduser(), cache_size_limit()
+    parts = urlsplit(uri)
+    path = unquote(parts.netloc + parts.path)
+    if not path:
+        raise ConfigurationError(f"storage {uri!r} names no folder: use file:///absolute/path")
+    query = parse_qs(parts.query)
+    if "size_limit" not in query:
+        return Path(path).expanduser(), cache_size_limit()
+    try:
+        return Path(path).expanduser(), int(query["size_limit"][-1])
+    except ValueError:
+        raise ConfigurationError(f"size_limit in {uri!r} must be a number of bytes") from None
+
+
 def _local_from_uri(uri: str) -> Storage:
-    if uri in ("local", "disk", "local://", "disk://"):
-        return LocalStorage(cache_dir(), size_limit=cache_size_limit())
-    size_limit = cache_size_limit()
-    if uri.startswith("file://"):
-        parts = urlsplit(uri)
-        path = unquote(parts.netloc + parts.path)
-        if not path:
-            raise ConfigurationError(f"storage {uri!r} names no folder: use file:///absolute/path")
-        query = parse_qs(parts.query)
-        if "size_limit" in query:
-            try:
-                size_limit = int(query["size_limit"][-1])
-            except ValueError:
-                raise ConfigurationError(
-                    f"size_limit in {uri!r} must be a number of bytes"
-                ) from None
-        return LocalStorage(path, size_limit=size_limit)
-    return LocalStorage(uri, size_limit=size_limit)
+    folder, size_limit = _local_place(uri)
+    return LocalStorage(folder, size_limit=size_limit)
 
 
 _registry: dict[str, Callable[[str], Storage]] = {
@@ -741,8 +853,10 @@ _registry: dict[str, Callable[[str], Storage]] = {
     "rediss": RedisStorage,
     "unix": RedisStorage,
 }
-_open: dict[str, Storage] = {}
+_open: dict[str, Storage] = {}  # by location: see _location
 _open_lock = threading.Lock()
+_locations: dict[str, str] = {}  # URI -> location, under the settings of _located_at
+_located_at = -1
 
 
 def register_storage(scheme: str, factory: Callable[[str], Storage]) -> None:
@@ -771,28 +885,74 @@ def validate_uri(uri: str) -> str:
             f"unknown storage scheme in {redact_uri(uri)!r}: use one of {known}, or a folder path"
         )
     if _registry[scheme] is RedisStorage:
-        require("redis", extra="redis", what=f"storage {redact_uri(uri)!r}")
+        redis = require("redis", extra="redis", what=f"storage {redact_uri(uri)!r}")
+        try:  # a malformed port or ?socket_timeout=: redis-py would say so at the first call
+            redis.connection.parse_url(split_redis_prefix(uri)[0])
+        except ValueError as exc:
+            raise ConfigurationError(
+                scrub(f"storage {redact_uri(uri)!r} is not a Redis URI redis-py takes: {exc}", uri)
+            ) from None
     return uri
 
 
-def open_storage(uri: str | None = None) -> Storage:
-    """The storage for ``uri`` (default: the configured one), one instance per URI per process."""
+def check_storage(uri: str | None) -> None:
+    """Check a decorator's ``storage=`` (None: the configured one) when it is applied, or
+    ``configure(storage=...)``: ConfigurationError for a bad URI, or a local storage whose
+    folder exists and is not a folder. (The configured URI's own scheme is checked when it
+    is used: ``LLMGUARD_STORAGE`` is read at call time.)"""
+    if uri is not None:
+        validate_uri(uri)
     chosen = uri or storage_uri()
-    storage = _open.get(chosen)
+    if _scheme(chosen) in _LOCAL_SCHEMES:
+        check_folder(_local_place(chosen)[0], "the cache folder")
+
+
+def _location(uri: str) -> str:
+    """What ``uri`` names now: a local storage's folder and size limit as the settings in
+    force resolve them (``local`` follows ``configure(cache_dir=...)``), any other URI
+    itself. Resolved once per URI until settings change."""
+    global _located_at
+    generation = settings_generation()
+    if generation != _located_at:
+        _locations.clear()
+        _located_at = generation
+    location = _locations.get(uri)
+    if location is None:
+        if _scheme(uri) in _LOCAL_SCHEMES:
+            folder, size_limit = _local_place(uri)
+            location = f"file://{folder}?size_limit={size_limit}"  # a key, never parsed
+        else:
+            location = uri
+        _locations[uri] = location
+    return location
+
+
+def open_storage(uri: str | None = None) -> Storage:
+    """The storage for ``uri`` (default: the configured one), one instance per location per
+    process. ``local`` (and a folder path) is the folder the settings name now: after
+    ``configure(cache_dir=...)`` it opens the new folder."""
+    chosen = uri or storage_uri()
+    location = _location(chosen)
+    storage = _open.get(location)
     if storage is None:
         with _open_lock:
-            storage = _open.get(chosen)
+            storage = _open.get(location)
             if storage is None:
                 validate_uri(chosen)
+                factory = _registry[_scheme(chosen)]
                 try:
-                    storage = _registry[_scheme(chosen)](chosen)
+                    if factory is _local_from_uri:  # the folder resolved above, not again
+                        folder, size_limit = _local_place(chosen)
+                        storage = LocalStorage(folder, size_limit=size_limit)
+                    else:
+                        storage = factory(chosen)
                 except LLMGuardError:
                     raise
                 except Exception as exc:  # e.g. a malformed port: say so, without the password
                     raise StorageError(
                         f"opening failed: {type(exc).__name__}: {exc}", uri=chosen
                     ) from exc
-                _open[chosen] = storage
+                _open[location] = storage
     return storage
 
 
@@ -805,6 +965,7 @@ def close_storages() -> None:
             except Exception:
                 pass
         _open.clear()
+        _locations.clear()
 
 
 def _after_fork() -> None:  # connections and file handles are not shared with a child

@@ -321,9 +321,11 @@ def choice(value: Any, option: str, *, decorator: str, choices: Collection[str])
 
 def storage(value: Any, option: str = "storage", *, decorator: str) -> str | None:
     """A storage URI a registered backend opens (None: the configured one)."""
+    from ._storage import check_storage
+
     if value is None:
+        check_storage(None)  # the configured storage's folder, if local
         return None
-    from ._storage import validate_uri
 
     if not isinstance(value, str) or not value.strip():
         raise refuse(
@@ -334,7 +336,7 @@ def storage(value: Any, option: str = "storage", *, decorator: str) -> str | Non
             "'file:///var/lib/llmguard' or 'redis://host:6379/0' (None: the configured one)",
         )
     try:
-        validate_uri(value)
+        check_storage(value)  # the URI, and a local storage's folder
     except MissingExtra:
         raise  # already says what to install
     except ConfigurationError as exc:

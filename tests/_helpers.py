@@ -153,3 +153,129 @@ class VirtualClock:
         finally:
             self._gathering = False
         return [task.exception() or task.result() for task in tasks]
+
+
+class FaultyRedis:
+    """A server on loopback that a Redis client talks to, failing on demand. ``mode`` says
+    what a connection meets:
+
+    - ``"up"``: the real Redis at ``target`` (bytes passed through both ways)
+    - ``"down"``: a connection closed at once (a Redis that went away)
+    - ``"hung"``: a connection accepted and never answered (a hung server, a black hole)
+    - ``"readonly"``: a read-only replica: the handshake is answered, GET finds nothing,
+      every other command gets ``-READONLY``
+
+    Setting the mode closes every connection open so far, so clients meet the new mode at
+    their next command. :meth:`uri` points a Redis URI (database, ``?prefix=``...) here."""
+
+    def __init__(self, target: tuple[str, int] | None = None, mode: str = "up") -> None:
+        import socket
+        import threading
+
+        assert mode in self.MODES, mode
+        self.target = target
+        self.mode = mode
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._open: list[Any] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @classmethod
+    def before(cls, redis_uri: str, mode: str = "up") -> FaultyRedis:
+        """One in front of the Redis of ``redis_uri``."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(redis_uri)
+        return cls((parts.hostname or "127.0.0.1", parts.port or 6379), mode)
+
+    def uri(self, redis_uri: str = "redis://127.0.0.1/0") -> str:
+        from urllib.parse import urlsplit, urlunsplit
+
+        return urlunsplit(urlsplit(redis_uri)._replace(netloc=f"127.0.0.1:{self.port}"))
+
+    MODES = ("up", "down", "hung", "readonly")
+
+    def set_mode(self, mode: str) -> None:
+        assert mode in self.MODES, mode
+        with self._lock:
+            self.mode = mode
+            doomed, self._open = self._open, []
+        for sock in doomed:
+            self._close(sock)
+
+    def close(self) -> None:
+        self._close(self._server)
+        self.set_mode("down")
+
+    @staticmethod
+    def _close(sock: Any) -> None:
+        import socket
+
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                mode = self.mode
+                self._open.append(conn)
+            if mode == "down":
+                self._close(conn)
+            elif mode == "readonly":
+                threading.Thread(target=self._replica, args=(conn,), daemon=True).start()
+            elif mode == "up":
+                assert self.target is not None
+                upstream = socket.create_connection(self.target)
+                with self._lock:
+                    self._open.append(upstream)
+                for a, b in ((conn, upstream), (upstream, conn)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            # "hung": held open, never read nor answered
+
+    @classmethod
+    def _pump(cls, source: Any, sink: Any) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            cls._close(sock)
+
+    @staticmethod
+    def _replica(conn: Any) -> None:
+        reader = conn.makefile("rb")
+        resp3 = False
+        try:
+            while line := reader.readline():
+                args = []
+                for _ in range(int(line[1:])):
+                    size = int(reader.readline()[1:])
+                    args.append(reader.read(size + 2)[:-2])
+                name = args[0].upper()
+                if name == b"HELLO":
+                    resp3 = args[1:2] == [b"3"]
+                    conn.sendall(
+                        b"%3\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:"
+                        + (b"3" if resp3 else b"2")
+                        + b"\r\n$4\r\nrole\r\n$7\r\nreplica\r\n"
+                    )
+                elif name in (b"CLIENT", b"SELECT", b"PING", b"AUTH"):
+                    conn.sendall(b"+OK\r\n")
+                elif name == b"GET":
+                    conn.sendall(b"_\r\n" if resp3 else b"$-1\r\n")
+                else:
+                    conn.sendall(b"-READONLY You can't write against a read only replica.\r\n")
+        except (OSError, ValueError):
+            pass

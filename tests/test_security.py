@@ -457,8 +457,8 @@ def test_configuration_errors_never_show_the_password(monkeypatch: pytest.Monkey
     with pytest.raises(llmguard.ConfigurationError) as info:
         llmguard.configure(storage=f"rediz://:{CANARY_PASSWORD}@host/0")
     assert CANARY_PASSWORD not in str(info.value)
-    with pytest.raises(llmguard.StorageError) as opened:  # a malformed port, at open time
-        llmguard.open_storage(f"redis://:{CANARY_PASSWORD}@127.0.0.1:notaport/0")
+    with pytest.raises(llmguard.ConfigurationError) as opened:  # a malformed port
+        llmguard.configure(storage=f"redis://:{CANARY_PASSWORD}@127.0.0.1:notaport/0")
     assert CANARY_PASSWORD not in str(opened.value)
     assert "notaport" in str(opened.value)
 

@@ -235,11 +235,13 @@ def test_backend_failures_are_storage_errors() -> None:
     assert info.value.__cause__ is not None
 
 
-def test_unusable_folder_is_a_configuration_error(tmp_path: Path) -> None:
+def test_a_folder_that_is_a_file_is_a_storage_error_at_call_time(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(llmguard.ConfigurationError, match="not a folder"):
+    with pytest.raises(llmguard.StorageError, match="not a folder"):  # found when used
         LocalStorage(blocker).get("k")
+    with pytest.raises(llmguard.ConfigurationError, match="not a folder"):  # found when set
+        llmguard.configure(storage=f"file://{blocker}")
 
 
 def test_count_and_release(storage: llmguard.Storage) -> None:
