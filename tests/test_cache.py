@@ -6,6 +6,7 @@ import datetime
 import enum
 import threading
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -853,3 +854,61 @@ def test_async_methods(backend: str) -> None:
 
     assert asyncio.run(main()) == ["cba", "cba"]
     assert runs == ["abc"]
+
+
+def test_lock_storage_error_runs_the_call_uncached_with_one_warning(
+    flavour: str, monkeypatch: pytest.MonkeyPatch, events: CapturedEvents
+) -> None:
+    store = llmguard.open_storage("memory://lock-fails")
+
+    def add(key: str, value: bytes, ttl: float | None = None) -> bool:
+        raise llmguard.StorageError("add failed: ConnectionError: reset by peer", uri="x")
+
+    monkeypatch.setattr(store, "add", add)
+    runs: list[int] = []
+    fn = make_cached(flavour, lambda text, n, model: runs.append(n) or n, storage=store.uri)
+    assert call(fn, "a") == call(fn, "a") == 1
+    assert runs == [1, 1]  # the storage failed: nothing is stored, every call runs
+    assert store.count_entries() == 0
+    [warning] = events.of("cache_unavailable")
+    assert "reset by peer" in warning["error"]
+    assert [e["outcome"] for e in events.calls] == ["ok", "ok"]
+
+
+def test_release_storage_error_keeps_the_result_with_one_warning(
+    flavour: str, monkeypatch: pytest.MonkeyPatch, events: CapturedEvents
+) -> None:
+    store = llmguard.open_storage("memory://release-fails")
+
+    def release(key: str, token: bytes) -> bool:
+        raise llmguard.StorageError("release failed: ConnectionError: reset by peer", uri="x")
+
+    monkeypatch.setattr(store, "release", release)
+    runs: list[int] = []
+    fn = make_cached(flavour, lambda text, n, model: runs.append(n) or n, storage=store.uri)
+    assert call(fn, "a") == call(fn, "a") == 1
+    assert runs == [1]  # stored before the lock's release failed: the second call is a hit
+    assert [e["cache"] for e in events.calls] == ["miss", "hit"]
+    assert len(events.of("cache_unavailable")) == 1
+
+
+def test_release_storage_error_after_a_stream_still_stores_it(
+    monkeypatch: pytest.MonkeyPatch, events: CapturedEvents
+) -> None:
+    store = llmguard.open_storage("memory://stream-release-fails")
+
+    def release(key: str, token: bytes) -> bool:
+        raise llmguard.StorageError("release failed: ConnectionError: reset by peer", uri="x")
+
+    monkeypatch.setattr(store, "release", release)
+    runs: list[int] = []
+
+    @llmguard.cached(storage=store.uri)
+    def pieces(text: str) -> Iterator[str]:
+        runs.append(1)
+        yield from text.split()
+
+    assert list(pieces("a b c")) == list(pieces("a b c")) == ["a", "b", "c"]
+    assert runs == [1]
+    assert [e["cache"] for e in events.calls] == ["miss", "hit"]
+    assert len(events.of("cache_unavailable")) == 1

@@ -293,3 +293,39 @@ def test_size_limit_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         llmguard.configure(cache_size_limit=0)
     with pytest.raises(llmguard.ConfigurationError):
         llmguard.open_storage(f"file://{tmp_path}/d?size_limit=lots")
+
+
+def test_local_limits_storage_counters_and_housekeeping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``limits`` Storage methods that llmguard's own strategies do not call."""
+    import sqlite3
+    import time
+
+    from llmguard._limits_storage import DiskCacheLimitsStorage
+
+    storage = DiskCacheLimitsStorage(f"llmguard+file://{tmp_path}/limits")
+    assert storage.check() is True
+    before = time.time()
+    assert storage.incr("k", 60, 3) == 3
+    assert storage.get("k") == 3
+    assert before + 59 < storage.get_expiry("k") <= time.time() + 60
+    assert storage.decr("k", 2) == 1
+    assert storage.decr("k", 5) == 0  # never below zero
+    assert storage.decr("k") == 0
+    assert storage.get("missing") == 0
+    assert before <= storage.get_expiry("missing") <= time.time()  # no window: resets now
+    storage.incr("other", 60)
+    storage.clear("k")
+    assert (storage.get("k"), storage.get("other")) == (0, 1)
+    storage.local.set("budget:state", b"kept")  # llmguard's other state in the same folder
+    assert storage.reset() == 1
+    assert storage.get("other") == 0
+    assert storage.local.get("budget:state") == b"kept"
+
+    class Broken:
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(DiskCacheLimitsStorage, "_cache", property(lambda self: Broken()))
+    assert storage.check() is False

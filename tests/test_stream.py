@@ -1280,3 +1280,76 @@ def test_a_stream_still_open_at_exit_is_settled_before_the_interpreter_goes(
     status = llmguard.budget_status("at-exit")
     assert status.reserved_usd == 0
     assert status.spent_usd > 0
+
+
+def test_async_stream_closed_early_is_metered_and_closes_its_source(
+    fake_llm: FakeLLMServer, events: CapturedEvents
+) -> None:
+    aclient = fake_llm.openai_client(async_client=True)
+    finished: list[str] = []
+
+    @llmguard.track
+    async def ask() -> Any:
+        return await aclient.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+
+    @llmguard.track(model="gpt-4o")
+    async def pieces() -> Any:
+        try:
+            for piece in ("Hello ", "wide ", "world"):
+                yield piece
+        finally:
+            finished.append("generator closed")
+
+    async def main() -> tuple[list[Any], str]:
+        stream = await ask()
+        consumed = [await stream.__anext__() for _ in range(3)]
+        await stream.aclose()  # the SDK's stream has an async close(): awaited
+        assert stream.response.is_closed  # the HTTP response was released
+        await stream.aclose()  # closing twice logs nothing more
+        async with pieces() as generator:  # __aexit__ closes it: the generator's aclose()
+            first = await generator.__anext__()
+        assert finished == ["generator closed"]  # now, not when the loop shuts down
+        return consumed, first
+
+    consumed, first = asyncio.run(main())
+    text = "".join(c.choices[0].delta.content or "" for c in consumed)
+    sdk_event, generator_event = events.calls
+    assert (sdk_event["outcome"], sdk_event["stream_chunks"]) == ("ok", 3)
+    assert sdk_event["output_tokens"] == llmguard.count_tokens(text, "gpt-4o")
+    assert (generator_event["outcome"], generator_event["stream_chunks"]) == ("ok", 1)
+    assert generator_event["output_tokens"] == llmguard.count_tokens(first, "gpt-4o")
+
+
+def test_async_stream_with_a_plain_close_is_metered_when_closed(events: CapturedEvents) -> None:
+    closed: list[bool] = []
+
+    class Source:  # an async iterator whose close() is a plain function
+        def __init__(self) -> None:
+            self.pieces = iter(["Hello ", "world"])
+
+        def __aiter__(self) -> Source:
+            return self
+
+        async def __anext__(self) -> str:
+            try:
+                return next(self.pieces)
+            except StopIteration:
+                raise StopAsyncIteration from None
+
+        def close(self) -> None:
+            closed.append(True)
+
+    @llmguard.track(model="gpt-4o")
+    async def ask() -> Any:
+        return Source()
+
+    async def main() -> str:
+        stream = await ask()
+        first: str = await stream.__anext__()
+        await stream.close()  # the async wrapper's close is its aclose
+        return first
+
+    assert asyncio.run(main()) == "Hello "
+    assert closed == [True]
+    [event] = events.calls
+    assert (event["outcome"], event["stream_chunks"]) == ("ok", 1)
