@@ -183,6 +183,26 @@ def _pico(usd: Decimal) -> int:
     return max(int((usd * PICO).to_integral_value(rounding=ROUND_CEILING)), 0)
 
 
+_MAX_CHARGE = Decimal(10_000)
+"""The most one call is charged: no real LLM call costs $10,000, and a provider (or proxy)
+reporting absurd usage (10**20 tokens) must not overflow a ledger's 64-bit counter, which
+would lose the charge altogether."""
+
+
+def _charge_pico(usd: Decimal, name: str) -> int:
+    """What a settled call adds to a ledger, in pico-dollars: at most :data:`_MAX_CHARGE`."""
+    if usd > _MAX_CHARGE:
+        warn_once(
+            f"absurd_charge:{name}",
+            "impossible_usage",
+            budget=name,
+            cost_usd=float(usd),
+            hint=f"a call reported costing more than ${_MAX_CHARGE:,}: charged ${_MAX_CHARGE:,}",
+        )
+        usd = _MAX_CHARGE
+    return _pico(usd)
+
+
 def window_of(period: str | timedelta, now: datetime) -> tuple[datetime | None, datetime | None]:
     """(start, reset) of the window holding ``now`` (timezone-aware), calendar-aligned."""
     if period == "total":
@@ -570,14 +590,14 @@ class _BudgetLayer:
             result = yield PROCEED
         except BaseException as exc:  # interrupts and cancellations release it too
             cost = charge(self._attempt_cost(call, None, exc, reported_before))
-            yield from settle(_pico(cost), ttl, start, end, learn=cost > 0)
+            yield from settle(_charge_pico(cost, name), ttl, start, end, learn=cost > 0)
             raise
         if is_stream(result):  # hold the reservation until the stream has been consumed
 
             def at_end(tally: StreamTally, error: BaseException | None) -> None:
                 try:
                     cost = charge(call.streamed_cost(tally, error, reported_before))
-                    _run_inline(settle(_pico(cost), ttl, start, end))
+                    _run_inline(settle(_charge_pico(cost, name), ttl, start, end))
                 finally:
                     if probe is not None:
                         self._end_probe(probe)
@@ -585,20 +605,26 @@ class _BudgetLayer:
             handoff[0] = True
             return wrap_stream(result, at_end)
         cost = charge(self._attempt_cost(call, result, None, reported_before))
-        yield from settle(_pico(cost), ttl, start, end)
+        yield from settle(_charge_pico(cost, name), ttl, start, end)
         return result
 
     @staticmethod
     def _attempt_cost(
         call: CallRecord, result: Any, error: BaseException | None, reported_before: int
     ) -> Decimal | None:
-        """What this attempt cost itself: the usage it reported, else nothing if it failed,
-        else the call's metering (an estimate; nothing if nested decorated calls made its
-        provider calls); None if unknown (a model without a price)."""
+        """What this attempt cost itself: the usage it reported; else, if it failed, nothing
+        (the provider answered with an error) or, if a request it sent was never answered (a
+        timeout, a dropped connection, an interrupt), None: unknown, the worst case reserved
+        is charged, since the provider may have done the work; else the call's metering (an
+        estimate; nothing if nested decorated calls made its provider calls); None if
+        unknown (a model without a price)."""
         metering = call.meter(result, error)  # also takes in the result's own usage
         if len(call.usages) > reported_before:
             return call.usage_totals(since=reported_before)[1]
         if error is not None:
+            if call.unanswered > 0:
+                call.fields["budget_charged_unanswered"] = True
+                return None
             return Decimal(0)  # nothing was billed: release the reservation
         return metering.cost
 

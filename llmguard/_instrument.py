@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from ._errors import ConfigurationError
 from ._pipeline import _current
+from ._retry import status_of
 from ._stream import StreamTally, is_stream
 from ._stream import wrap as wrap_stream
 from ._usage import Usage, usage_from_response
@@ -60,8 +61,23 @@ def _report(response: Any) -> Any:
     return response
 
 
-async def _report_when_done(awaitable: Any) -> Any:
-    return _report(await awaitable)
+def _answered(call: Any, exc: BaseException | None) -> None:
+    """A request ended: with a response, or an error the provider answered with (an HTTP
+    status: it did no billable work). A timeout, a dropped connection, an interrupt or a
+    cancellation leave it unanswered: the provider may have done (and billed) the work, so
+    ``@budget`` charges its worst case."""
+    if call is not None and (exc is None or status_of(exc) is not None):
+        call.unanswered -= 1
+
+
+async def _report_when_done(awaitable: Any, call: Any) -> Any:
+    try:
+        response = await awaitable
+    except BaseException as exc:
+        _answered(call, exc)
+        raise
+    _answered(call, None)
+    return _report(response)
 
 
 def _wrap(method: Any) -> Any:
@@ -69,9 +85,17 @@ def _wrap(method: Any) -> Any:
     # returned value rather than on the method.
     @functools.wraps(method)
     def create(*args: Any, **kwargs: Any) -> Any:
-        response = method(*args, **kwargs)
+        call = _current.get()
+        if call is not None:
+            call.unanswered += 1
+        try:
+            response = method(*args, **kwargs)
+        except BaseException as exc:
+            _answered(call, exc)
+            raise
         if inspect.isawaitable(response):
-            return _report_when_done(response)
+            return _report_when_done(response, call)
+        _answered(call, None)
         return _report(response)
 
     setattr(create, _MARK, True)
@@ -155,7 +179,30 @@ def record_usage(
             "record_usage: input_tokens is the whole input and must include cached_input_tokens "
             "and cache_write_tokens"
         )
-    cost = None if cost_usd is None else Decimal(str(cost_usd))
+    cost = None
+    if cost_usd is not None:
+        try:
+            cost = Decimal(str(cost_usd))
+        except ArithmeticError:  # decimal.InvalidOperation: not a number at all
+            cost = None
+        if (
+            cost is None
+            or not cost.is_finite()
+            or not 0 <= cost <= 10_000  # no real LLM call costs $10,000
+            or isinstance(cost_usd, bool)
+        ):
+            # Reported after the provider was paid: never fail the call for it, and never
+            # take a nonsense figure (inf, NaN, negative) as what the call cost.
+            from ._events import warn_once
+
+            warn_once(
+                "record_usage_cost",
+                "impossible_usage",
+                cost_usd=str(cost_usd)[:40],
+                hint="record_usage(cost_usd=...) was not an amount from $0 to $10,000: the "
+                "cost is computed from the tokens and the model's price instead",
+            )
+            cost = None
     call.add_usage(
         Usage(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, model),
         cost_usd=cost,

@@ -317,10 +317,11 @@ _SETTLE = (
     _PRUNE
     + """
 if ARGV[1] ~= '' then redis.call('HDEL', KEYS[1], 'r:' .. ARGV[1]) end
-local spent = redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
 local held = reserved(tonumber(ARGV[3]))
 touch(ARGV[4])
-return {tostring(spent), string.format('%.0f', held)}
+-- the stored string, exact: a Lua number (a double) prints 10^16 as "1e+16"
+return {redis.call('HGET', KEYS[1], 'spent'), string.format('%.0f', held)}
 """
 )
 _STATUS = (

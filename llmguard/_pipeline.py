@@ -338,6 +338,7 @@ class CallRecord:
         "spec",
         "started",
         "tags",
+        "unanswered",
         "usages",
         "watches",
     )
@@ -363,6 +364,7 @@ class CallRecord:
         self.fields: dict[str, Any] = {}
         self.usages: list[tuple[Usage, Decimal | None]] = []
         self.reported_ids: list[int] = []
+        self.unanswered = 0  # provider requests sent that got neither an answer nor an error
         self.metering: Metering | None = None
         self.last_metering: tuple[Any, BaseException | None, int, Metering] | None = None
         self.children = 0
@@ -806,6 +808,8 @@ def _settle(call: CallRecord, result: Any, error: BaseException | None) -> Meter
         # Nothing billed here as far as we know: an error without usage, or an outer call
         # whose provider calls were made (and logged) by nested decorated calls.
         source = "none" if error is not None else "children"
+        if error is not None and call.unanswered:
+            source = "unanswered"  # sent, never answered: billed or not, nobody can say
         return Metering(call.requested_model(), None, None, _ZERO, source)
     model, input_tokens, output_tokens, method = _estimate(call, result)
     price = get_price(model) if model else None

@@ -28,8 +28,10 @@ MAX_SECONDS = 100 * 365 * 86400.0
 """The longest duration any option takes (100 years); longer ones are refused as nonsense
 (and would overflow ``time.sleep``, ``threading`` timeouts and Redis expiries)."""
 
-MAX_USD = Decimal(10) ** 12
-"""The largest amount of money an option takes (a trillion dollars)."""
+MAX_USD = Decimal(10) ** 6
+"""The largest amount of money an option takes (a million dollars): ledgers count
+pico-dollars in 64-bit integers (Redis), which hold about $9.2M, so a budget's limit plus
+what calls in flight may still add stays representable."""
 
 MAX_TOKENS = 10**7
 """The largest output budget of one call an option takes (ten million tokens)."""

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import llmguard
-from llmguard.testing import CapturedEvents
+from llmguard.testing import CapturedEvents, FakeLLMServer
 
 from .conftest import call
 
@@ -163,14 +163,93 @@ def test_negative_provider_usage_is_counted_as_zero(backend: str, events: Captur
     assert warning["input_tokens"] == -1_000_000
 
 
-def test_negative_recorded_cost_is_counted_as_zero(backend: str) -> None:
-    @llmguard.budget(usd="1", storage=backend, name="negative-cost")
+@pytest.mark.parametrize("cost", ["-5", float("inf"), float("nan"), "1e400", "abc", True])
+def test_a_nonsense_recorded_cost_is_replaced_by_the_priced_tokens(
+    backend: str, cost: Any, events: CapturedEvents
+) -> None:
+    @llmguard.budget(usd="1", storage=backend, name="nonsense-cost")
     def ask(text: str, model: str = "gpt-4o") -> str:
-        llmguard.record_usage(10, 10, cost_usd="-5")
+        llmguard.record_usage(10, 10, cost_usd=cost)  # after the provider was paid
         return "ok"
 
+    assert ask("hi") == "ok"  # never fails the call that was paid for
+    assert llmguard.budget_status("nonsense-cost").spent_usd == Decimal("0.000125")
+    assert events.calls[0]["cost_usd"] == 0.000125
+    assert events.of("impossible_usage")
+
+
+def test_absurd_provider_usage_cannot_overflow_the_ledger(backend: str) -> None:
+    @llmguard.budget(usd="1", storage=backend, name="absurd-usage")
+    def ask(text: str, max_tokens: int = 10, model: str = "gpt-4o") -> dict[str, Any]:
+        return {"model": "gpt-4o", "usage": {"prompt_tokens": 10**20, "completion_tokens": 1}}
+
     ask("hi")
-    assert llmguard.budget_status("negative-cost").spent_usd == 0
+    status = llmguard.budget_status("absurd-usage")
+    assert status.spent_usd == 10_000  # charged, at most $10,000 a call: the cap holds
+    with pytest.raises(llmguard.BudgetExceeded):
+        ask("hi")
+
+
+def test_budget_limits_stay_within_what_a_ledger_can_count() -> None:
+    with pytest.raises(llmguard.ConfigurationError, match="usd"):
+        llmguard.budget(usd=10**7)
+
+
+# -- a request sent and never answered may have been billed ---------------------------------
+
+
+def test_a_timed_out_request_is_charged_its_worst_case(
+    flavour: str, tmp_path: Path, events: CapturedEvents
+) -> None:
+    with FakeLLMServer(latency=1.0) as fake:
+        aio = flavour == "async"
+        client = llmguard.instrument(
+            fake.openai_client(async_client=aio, timeout=0.1, max_retries=0)
+        )
+        budget = llmguard.budget(
+            usd="1", storage=f"file://{tmp_path}/l", name=f"timeouts-{flavour}"
+        )
+        messages = [{"role": "user", "content": "hello"}]
+        if aio:
+
+            async def aask(max_tokens: int = 100, model: str = "gpt-4o") -> Any:
+                return await client.chat.completions.create(
+                    model=model, messages=messages, max_tokens=max_tokens
+                )
+
+            fn = budget(aask)
+        else:
+
+            def ask(max_tokens: int = 100, model: str = "gpt-4o") -> Any:
+                return client.chat.completions.create(
+                    model=model, messages=messages, max_tokens=max_tokens
+                )
+
+            fn = budget(ask)
+        with pytest.raises(Exception, match=r"(?i)time"):
+            call(fn)
+        assert len(fake.requests) == 1  # it reached the provider
+    status = llmguard.budget_status(f"timeouts-{flavour}")
+    assert status.reserved_usd == 0
+    assert status.spent_usd > 0  # the worst case reserved: the provider may have done the work
+    assert events.calls[0]["cost_source"] == "unanswered"
+    assert events.calls[0]["budget_charged_unanswered"] is True
+
+
+def test_a_provider_error_answer_is_not_charged(tmp_path: Path) -> None:
+    with FakeLLMServer() as fake:
+        client = llmguard.instrument(fake.openai_client(max_retries=0))
+        fake.fail_next(1, 500)
+
+        @llmguard.budget(usd="1", storage=f"file://{tmp_path}/l", name="answered-error")
+        def ask(max_tokens: int = 100, model: str = "gpt-4o") -> Any:
+            return client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "x"}], max_tokens=max_tokens
+            )
+
+        with pytest.raises(Exception, match=r"500|Internal|server"):
+            ask()
+    assert llmguard.budget_status("answered-error").spent_usd == 0
 
 
 def test_impossible_prices_cost_nothing() -> None:
