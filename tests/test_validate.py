@@ -42,6 +42,11 @@ def _strategy(*fixed: Any, extra: Any = None) -> Any:
     return st.one_of(*parts)
 
 
+_TAGS = _strategy(
+    ["feature"], "feature", 5, {"bad name": "x"}, {1: "x"}, {"": "x"}, {"feature": ["a"]}
+)
+
+
 def _seconds(zero_ok: bool, none_ok: bool = True, strings: bool = False) -> Any:
     fixed = [True, False, "", *_WRONG_TYPES]
     if not strings:
@@ -185,6 +190,7 @@ SPECS: dict[str, tuple[Apply, dict[str, Any], dict[str, Any]]] = {
             "model": _text(True),
             "prompt": _callable(),
             "log_content": _FLAG,
+            "tags": _TAGS,
         },
     ),
     "rate_limited": (
@@ -201,11 +207,13 @@ SPECS: dict[str, tuple[Apply, dict[str, Any], dict[str, Any]]] = {
             "storage": _STORAGE,
             "default_output_tokens": _integers(none_ok=False, zero_ok=True),
             "margin": _seconds(zero_ok=True),
+            "on_storage_error": _strategy("ignore", "", None, True, 5, "Allow"),
             "sleep": _callable(),
             "async_sleep": _callable(),
             "model": _text(True),
             "prompt": _callable(),
             "log_content": _FLAG,
+            "tags": _TAGS,
         },
     ),
     "retry_on_rate_limit": (
@@ -225,6 +233,7 @@ SPECS: dict[str, tuple[Apply, dict[str, Any], dict[str, Any]]] = {
             "model": _text(True),
             "prompt": _callable(),
             "log_content": _FLAG,
+            "tags": _TAGS,
         },
     ),
     "budget": (
@@ -260,6 +269,7 @@ SPECS: dict[str, tuple[Apply, dict[str, Any], dict[str, Any]]] = {
             "unknown_price": _text(False, "deny", "Refuse"),
             "default_output_tokens": _integers(none_ok=False, zero_ok=True),
             "fail_open": _FLAG,
+            "burn_alert": _strategy("fortnight", "", -1, "0s", True, []),
             "max_wait": _seconds(zero_ok=True, none_ok=False),
             "sleep": _callable(),
             "async_sleep": _callable(),
@@ -267,6 +277,7 @@ SPECS: dict[str, tuple[Apply, dict[str, Any], dict[str, Any]]] = {
             "model": _text(True),
             "prompt": _callable(),
             "log_content": _FLAG,
+            "tags": _TAGS,
         },
     ),
     "route_model": (
@@ -284,6 +295,7 @@ SPECS: dict[str, tuple[Apply, dict[str, Any], dict[str, Any]]] = {
             "critical_param": _text(False, "not a name"),
             "prompt": _callable(),
             "log_content": _FLAG,
+            "tags": _TAGS,
         },
     ),
     "debounced": (
@@ -298,12 +310,13 @@ SPECS: dict[str, tuple[Apply, dict[str, Any], dict[str, Any]]] = {
             "model": _text(True),
             "prompt": _callable(),
             "log_content": _FLAG,
+            "tags": _TAGS,
         },
     ),
     "track": (
         _decorate(llmguard.track),
         {},
-        {"model": _text(True), "prompt": _callable(), "log_content": _FLAG},
+        {"model": _text(True), "prompt": _callable(), "log_content": _FLAG, "tags": _TAGS},
     ),
     "guard": (
         _decorate(llmguard.guard),
@@ -314,6 +327,7 @@ SPECS: dict[str, tuple[Apply, dict[str, Any], dict[str, Any]]] = {
             "budget": _GUARD_OPTIONS,
             "retry": _GUARD_OPTIONS,
             "rate": _strategy(5, 1.5, b"x", [], {"no_such_option": 1}, object(), "", "0/second"),
+            "tags": _TAGS,
         },
     ),
     "configure": (
@@ -385,7 +399,7 @@ def test_valid_options_are_still_accepted() -> None:
     llmguard.rate_limited(tokens="1/year", margin=0)(target)
     llmguard.retry_on_rate_limit(max_tries=1, max_time=None, retry_on=[KeyError])(target)
     llmguard.budget(usd=Decimal("0.000001"), per=timedelta(seconds=1), alert_at=[1])(target)
-    llmguard.budget(usd="1000000000000", per="total", max_call_usd=0)(target)
+    llmguard.budget(usd="1000000", per="total", max_call_usd=0)(target)
     llmguard.budget(usd=0.5, tz="Europe/Paris", reservation_ttl=1)(target)
     llmguard.route_model("gpt-4o", cheap="m", downgrade_at=1, budget="b", fallbacks=["x"])(target)
     llmguard.debounced(wait=86400)(target)
