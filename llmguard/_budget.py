@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_CEILING, Decimal
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import _validate as validate
@@ -73,6 +73,24 @@ from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+R_co = TypeVar("R_co", covariant=True)
+
+
+class BudgetedFunction(Protocol[P, R_co]):
+    """A function decorated with ``@budget``."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def budget_status(self, key: str | None = None) -> BudgetStatus:
+        """The budget's current window (a keyed budget needs ``key=``)."""
+        ...
+
+    def with_options(self, **options: Any) -> Callable[P, R_co]:
+        """See :meth:`llmguard.GuardedFunction.with_options`."""
+        ...
+
 
 _PERIODS = ("hour", "day", "week", "month", "total")
 _ON_EXCEED = ("raise", "warn", "wait")
@@ -1068,7 +1086,7 @@ def budget(
     prompt: PromptFn | _Unset | None = UNSET,
     log_content: bool | _Unset = UNSET,
     tags: TagValues | None = None,
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+) -> Callable[[Callable[P, R]], BudgetedFunction[P, R]]:
     """Cap spend at ``usd`` per ``per`` ("hour", "day", "week", "month", "total" or a
     timedelta), calendar-aligned in ``tz``.
 
@@ -1198,7 +1216,7 @@ def budget(
         burn=burn,
     )
 
-    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+    def decorate(func: Callable[P, R]) -> BudgetedFunction[P, R]:
         wrapper = guard(func, decorator="budget", layer=layer, options=options)
         budget_name = name or _full(func)
         _register(budget_name, layer, _full(func))
