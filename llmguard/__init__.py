@@ -9,7 +9,7 @@ from typing import Any as _Any
 
 from ._budget import BudgetStatus, budget, budget_keys, budget_status, reset_budget
 from ._cache import CachedFunction, CacheInfo, bypass_cache, cached
-from ._config import configure
+from ._config import Unset, configure
 from ._debounce import debounced
 from ._errors import (
     BudgetExceeded,
@@ -59,6 +59,7 @@ __all__ = [
     "StorageError",
     "Subscription",
     "TokenCount",
+    "Unset",
     "Usage",
     "__version__",
     "alerts",

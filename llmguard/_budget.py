@@ -27,7 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import _validate as validate
-from ._config import UNSET, _Unset, settings_generation
+from ._config import UNSET, Unset, settings_generation
 from ._errors import (
     BudgetExceeded,
     BudgetUnavailable,
@@ -1038,9 +1038,9 @@ def budget(
     max_wait: float = 30,
     sleep: Callable[[float], None] | None = None,
     async_sleep: Callable[[float], Awaitable[None]] | None = None,
-    model: str | _Unset | None = UNSET,
-    prompt: PromptFn | _Unset | None = UNSET,
-    log_content: bool | _Unset = UNSET,
+    model: str | Unset | None = UNSET,
+    prompt: PromptFn | Unset | None = UNSET,
+    log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Cap spend at ``usd`` per ``per`` ("hour", "day", "week", "month", "total" or a
@@ -1236,6 +1236,16 @@ def _layer(name: str) -> _BudgetLayer:
             f"@budget(name={name!r}, ...) first"
         )
     return layer
+
+
+def spent_fraction(name: str, call: CallRecord) -> float:
+    """How much of budget ``name`` (declared in this process) the window ``call`` falls in
+    has spent: 0.0 to 1.0 and beyond; 1.0 for a budget with no limit."""
+    layer = _layer(name)
+    status = layer.status(name, layer.key_of(call))
+    if not status.limit_usd:
+        return 1.0
+    return float(status.spent_usd / status.limit_usd)
 
 
 def budget_definition(

@@ -26,10 +26,10 @@ from decimal import Decimal
 from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 from . import _validate as validate
-from ._config import UNSET, _Unset
+from ._config import UNSET, Unset
 from ._errors import LLMGuardError, StorageError
 from ._events import warn_once, warn_outage
-from ._flight import Flight, _running_loop
+from ._flight import Flight, running_loop
 from ._keys import Binder, canonical, code_digest
 from ._lease import Lease
 from ._money import format_usd
@@ -359,7 +359,7 @@ class _CacheLayer:
             # would wait for itself. It runs uncached (the outer call stores the answer).
             call.fields["cache"] = "reentrant"
             return (yield PROCEED)
-        loop = _running_loop() if call.spec.is_async else None
+        loop = running_loop() if call.spec.is_async else None
         while True:
             with self._lock:
                 flight = self._flights.get(key)
@@ -616,9 +616,9 @@ def cached(
     clock: Callable[[], float] = ...,
     sleep: Callable[[float], None] | None = ...,
     async_sleep: Callable[[float], Awaitable[None]] | None = ...,
-    model: str | _Unset | None = ...,
-    prompt: PromptFn | _Unset | None = ...,
-    log_content: bool | _Unset = ...,
+    model: str | Unset | None = ...,
+    prompt: PromptFn | Unset | None = ...,
+    log_content: bool | Unset = ...,
     tags: TagValues | None = ...,
 ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]: ...
 
@@ -641,9 +641,9 @@ def cached(
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] | None = None,
     async_sleep: Callable[[float], Awaitable[None]] | None = None,
-    model: str | _Unset | None = UNSET,
-    prompt: PromptFn | _Unset | None = UNSET,
-    log_content: bool | _Unset = UNSET,
+    model: str | Unset | None = UNSET,
+    prompt: PromptFn | Unset | None = UNSET,
+    log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
 ) -> Any:
     """Cache the decorated function's results in the storage (local disk by default).

@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any, ParamSpec, TypeVar
 
 from . import _validate as validate
-from ._config import UNSET, _Unset
+from ._config import UNSET, Unset
 from ._errors import ConfigurationError
-from ._flight import Flight, _running_loop
+from ._flight import Flight, running_loop
 from ._pipeline import (
     PROCEED,
     Call,
@@ -76,7 +76,7 @@ class _DebounceLayer:
 
     def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
         key = self.key(call) if self.key is not None else None
-        loop = _running_loop() if call.spec.is_async else None
+        loop = running_loop() if call.spec.is_async else None
         with self._lock:
             burst = self._bursts.get(key)
             leader = burst is None or burst.closed or burst.flight.loop is not loop
@@ -196,9 +196,9 @@ def debounced(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] | None = None,
     async_sleep: Callable[[float], Awaitable[None]] | None = None,
-    model: str | _Unset | None = UNSET,
-    prompt: PromptFn | _Unset | None = UNSET,
-    log_content: bool | _Unset = UNSET,
+    model: str | Unset | None = UNSET,
+    prompt: PromptFn | Unset | None = UNSET,
+    log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Collapse bursts of calls into one execution with the latest arguments.

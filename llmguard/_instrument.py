@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from ._errors import ConfigurationError
-from ._pipeline import _current
+from ._pipeline import current_call
 from ._stream import StreamTally, is_stream
 from ._stream import wrap as wrap_stream
 from ._usage import Usage, usage_from_response
@@ -43,7 +43,7 @@ def _report(response: Any) -> Any:
     """Add ``response``'s usage to the call in progress; a stream (or a stream helper's
     manager) is returned metered, to report its usage when it ends, once: the decorated
     function may return it too, and it is still one provider call."""
-    call = _current.get()
+    call = current_call()
     if call is None:
         return response
     if is_stream(response):
@@ -139,7 +139,7 @@ def record_usage(
     price of ``model`` (default: the call's model). Several reports in one call are summed.
     Returns False (and does nothing) outside a decorated call.
     """
-    call = _current.get()
+    call = current_call()
     if call is None:
         return False
     for name, value in (

@@ -33,7 +33,7 @@ from random import getrandbits
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from . import _validate as validate
-from ._config import _Unset
+from ._config import Unset
 from ._errors import ConfigurationError
 from ._events import emit, warn_once
 from ._keys import Binder
@@ -956,7 +956,7 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
 def check_options(decorator: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Validate the metering options every llmguard decorator takes (at decoration time):
     ``model``, ``prompt``, ``log_content`` and ``tags``; UNSET ones are dropped."""
-    given = {k: v for k, v in options.items() if not isinstance(v, _Unset)}
+    given = {k: v for k, v in options.items() if not isinstance(v, Unset)}
     unknown = set(given) - {"model", "prompt", "log_content", "tags"}
     if unknown:
         raise ConfigurationError(f"@{decorator} got unknown options: {', '.join(sorted(unknown))}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
-from ._config import UNSET, _Unset
+from ._config import UNSET, Unset
 from ._pipeline import PromptFn, check_options, guard
 from ._tags import TagValues
 
@@ -20,9 +20,9 @@ def track(fn: Callable[P, R], /) -> Callable[P, R]: ...
 @overload
 def track(
     *,
-    model: str | _Unset | None = ...,
-    prompt: PromptFn | _Unset | None = ...,
-    log_content: bool | _Unset = ...,
+    model: str | Unset | None = ...,
+    prompt: PromptFn | Unset | None = ...,
+    log_content: bool | Unset = ...,
     tags: TagValues | None = ...,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
@@ -31,9 +31,9 @@ def track(
     fn: Any = None,
     /,
     *,
-    model: str | _Unset | None = UNSET,
-    prompt: PromptFn | _Unset | None = UNSET,
-    log_content: bool | _Unset = UNSET,
+    model: str | Unset | None = UNSET,
+    prompt: PromptFn | Unset | None = UNSET,
+    log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
 ) -> Any:
     """Meter every call of the decorated function and log one ``llm_call`` event.
