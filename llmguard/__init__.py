@@ -94,6 +94,26 @@ __all__ = [
 ]
 
 
+def _report_as_public(namespace: dict[str, _Any]) -> None:
+    """Public classes say ``llmguard.X`` in tracebacks, reprs and pickles, not the private
+    module that defines them. Their own annotations are resolved first, where they were
+    written, so ``typing.get_type_hints`` (pydantic, FastAPI...) still finds their names."""
+    from inspect import get_annotations
+    from typing import get_type_hints
+
+    for name in __all__:
+        kind = namespace.get(name)
+        if isinstance(kind, type) and kind.__module__ != __name__:
+            own = get_annotations(kind)
+            if own:
+                hints = get_type_hints(kind, include_extras=True)
+                kind.__annotations__ = {field: hints[field] for field in own}
+            kind.__module__ = __name__
+
+
+_report_as_public(globals())
+
+
 def __getattr__(name: str) -> _Any:
     """``llmguard.alerts``, imported on first use."""
     if name == "alerts":
