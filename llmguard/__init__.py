@@ -7,7 +7,14 @@ on first use. ``llmguard.alerts`` (alert destinations) is a submodule loaded whe
 
 from typing import Any as _Any
 
-from ._budget import BudgetStatus, budget, budget_keys, budget_status, reset_budget
+from ._budget import (
+    BudgetedFunction,
+    BudgetStatus,
+    budget,
+    budget_keys,
+    budget_status,
+    reset_budget,
+)
 from ._cache import CachedFunction, CacheInfo, bypass_cache, cached
 from ._config import Unset, configure
 from ._debounce import debounced
@@ -43,6 +50,7 @@ __all__ = [
     "BudgetExceeded",
     "BudgetStatus",
     "BudgetUnavailable",
+    "BudgetedFunction",
     "CacheInfo",
     "CachedFunction",
     "CallRecord",

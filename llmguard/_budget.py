@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_CEILING, Decimal
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import _validate as validate
@@ -57,6 +57,7 @@ from ._pipeline import (
     PROCEED,
     Blocking,
     CallRecord,
+    GuardedFunction,
     PromptFn,
     Sleep,
     UserFunction,
@@ -73,6 +74,7 @@ from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 _PERIODS = ("hour", "day", "week", "month", "total")
 _ON_EXCEED = ("raise", "warn", "wait")
@@ -105,6 +107,15 @@ class BudgetStatus:
             for field, at in (("window_start", self.window_start), ("resets_at", self.resets_at))
         )
         return f"BudgetStatus(name={self.name!r}, key={self.key!r}, {money}, {times})"
+
+
+class BudgetedFunction(GuardedFunction[P, R_co], Protocol[P, R_co]):
+    """A function decorated with ``@budget``: a :class:`GuardedFunction` that also reads its
+    budget's state."""
+
+    def budget_status(self, key: str | None = None) -> BudgetStatus:
+        """The state of this function's budget (of ``key``'s window for a keyed budget)."""
+        ...
 
 
 @dataclass(frozen=True, repr=False)
@@ -1042,7 +1053,7 @@ def budget(
     prompt: PromptFn | Unset | None = UNSET,
     log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+) -> Callable[[Callable[P, R]], BudgetedFunction[P, R]]:
     """Cap spend at ``usd`` per ``per`` ("hour", "day", "week", "month", "total" or a
     timedelta), calendar-aligned in ``tz``.
 
@@ -1172,7 +1183,7 @@ def budget(
         burn=burn,
     )
 
-    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+    def decorate(func: Callable[P, R]) -> BudgetedFunction[P, R]:
         wrapper = guard(func, decorator="budget", layer=layer, options=options)
         budget_name = name or _full(func)
         _register(budget_name, layer, _full(func))

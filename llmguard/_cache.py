@@ -38,6 +38,7 @@ from ._pipeline import (
     Blocking,
     Call,
     CallRecord,
+    GuardedFunction,
     Metering,
     PromptFn,
     Sleep,
@@ -64,6 +65,7 @@ from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 _bypass: ContextVar[bool] = ContextVar("llmguard_bypass_cache", default=False)
 _STREAM_STORED = object()  # a flight's value: the leader's stream is in the storage now
@@ -106,22 +108,18 @@ class CacheInfo(NamedTuple):
         )
 
 
-class CachedFunction(Protocol[P, R]):
-    """A function decorated with ``@cached``."""
+class CachedFunction(GuardedFunction[P, R_co], Protocol[P, R_co]):
+    """A function decorated with ``@cached``: a :class:`GuardedFunction` with its cache's
+    statistics, a way to empty it, and the key a call would use."""
 
-    __wrapped__: Callable[P, R]
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    @property
+    def __wrapped__(self) -> Callable[P, R_co]: ...
 
     def cache_info(self) -> CacheInfo: ...
 
     def cache_clear(self) -> None: ...
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
-
-    def with_options(self, **options: Any) -> Callable[P, R]:
-        """See :meth:`llmguard.GuardedFunction.with_options`."""
-        ...
 
 
 def _model_and_cost(metering: Metering) -> tuple[str | None, Decimal | None]:

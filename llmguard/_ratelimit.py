@@ -37,6 +37,7 @@ from ._pipeline import (
     Blocking,
     Call,
     CallRecord,
+    GuardedFunction,
     PromptFn,
     Sleep,
     UserFunction,
@@ -450,7 +451,7 @@ def rate_limited(
     prompt: PromptFn | Unset | None = UNSET,
     log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]:
     """Start at most ``rate`` calls (``"500/minute"``, ``"10/second;500/minute"``) and spend
     at most ``tokens`` tokens (``"200000/minute"``) per window.
 
@@ -545,7 +546,7 @@ def rate_limited(
         async_sleep=async_sleep,
     )
 
-    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+    def decorate(func: Callable[P, R]) -> GuardedFunction[P, R]:
         return guard(func, decorator="rate_limited", layer=layer, options=options)  # type: ignore[no-any-return]
 
     return decorate

@@ -22,7 +22,15 @@ from . import _validate as validate
 from ._config import UNSET, Unset
 from ._errors import RateLimitExceeded, RequestTooLarge
 from ._events import emit
-from ._pipeline import PROCEED, CallRecord, PromptFn, Sleep, check_options, guard
+from ._pipeline import (
+    PROCEED,
+    CallRecord,
+    GuardedFunction,
+    PromptFn,
+    Sleep,
+    check_options,
+    guard,
+)
 from ._tags import TagValues
 
 P = ParamSpec("P")
@@ -229,7 +237,7 @@ class _RetryLayer:
 
 
 @overload
-def retry_on_rate_limit(fn: Callable[P, R], /) -> Callable[P, R]: ...
+def retry_on_rate_limit(fn: Callable[P, R], /) -> GuardedFunction[P, R]: ...
 
 
 @overload
@@ -249,7 +257,7 @@ def retry_on_rate_limit(
     prompt: PromptFn | Unset | None = ...,
     log_content: bool | Unset = ...,
     tags: TagValues | None = ...,
-) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]: ...
 
 
 def retry_on_rate_limit(

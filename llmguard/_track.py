@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
 from ._config import UNSET, Unset
-from ._pipeline import PromptFn, check_options, guard
+from ._pipeline import GuardedFunction, PromptFn, check_options, guard
 from ._tags import TagValues
 
 P = ParamSpec("P")
@@ -14,7 +14,7 @@ R = TypeVar("R")
 
 
 @overload
-def track(fn: Callable[P, R], /) -> Callable[P, R]: ...
+def track(fn: Callable[P, R], /) -> GuardedFunction[P, R]: ...
 
 
 @overload
@@ -24,7 +24,7 @@ def track(
     prompt: PromptFn | Unset | None = ...,
     log_content: bool | Unset = ...,
     tags: TagValues | None = ...,
-) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]: ...
 
 
 def track(
@@ -57,7 +57,7 @@ def track(
     if fn is None:
         check_options("track", options)
 
-        def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        def decorate(func: Callable[P, R]) -> GuardedFunction[P, R]:
             return guard(func, decorator="track", options=options)  # type: ignore[no-any-return]
 
         return decorate
