@@ -16,7 +16,7 @@ from ._budget import (
     reset_budget,
 )
 from ._cache import CachedFunction, CacheInfo, bypass_cache, cached
-from ._config import configure
+from ._config import Unset, configure
 from ._debounce import debounced
 from ._errors import (
     BudgetExceeded,
@@ -67,6 +67,7 @@ __all__ = [
     "StorageError",
     "Subscription",
     "TokenCount",
+    "Unset",
     "Usage",
     "__version__",
     "alerts",
@@ -99,6 +100,26 @@ __all__ = [
     "unsubscribe",
     "warm_up",
 ]
+
+
+def _report_as_public(namespace: dict[str, _Any]) -> None:
+    """Public classes say ``llmguard.X`` in tracebacks, reprs and pickles, not the private
+    module that defines them. Their own annotations are resolved first, where they were
+    written, so ``typing.get_type_hints`` (pydantic, FastAPI...) still finds their names."""
+    from inspect import get_annotations
+    from typing import get_type_hints
+
+    for name in __all__:
+        kind = namespace.get(name)
+        if isinstance(kind, type) and kind.__module__ != __name__:
+            own = get_annotations(kind)
+            if own:
+                hints = get_type_hints(kind, include_extras=True)
+                kind.__annotations__ = {field: hints[field] for field in own}
+            kind.__module__ = __name__
+
+
+_report_as_public(globals())
 
 
 def __getattr__(name: str) -> _Any:

@@ -27,7 +27,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import _validate as validate
-from ._config import UNSET, _Unset, settings_generation
+from ._config import UNSET, Unset, settings_generation
 from ._errors import (
     BudgetExceeded,
     BudgetUnavailable,
@@ -57,6 +57,7 @@ from ._pipeline import (
     PROCEED,
     Blocking,
     CallRecord,
+    GuardedFunction,
     PromptFn,
     Sleep,
     UserFunction,
@@ -73,23 +74,7 @@ from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
 R_co = TypeVar("R_co", covariant=True)
-
-
-class BudgetedFunction(Protocol[P, R_co]):
-    """A function decorated with ``@budget``."""
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
-
-    def budget_status(self, key: str | None = None) -> BudgetStatus:
-        """The budget's current window (a keyed budget needs ``key=``)."""
-        ...
-
-    def with_options(self, **options: Any) -> Callable[P, R_co]:
-        """See :meth:`llmguard.GuardedFunction.with_options`."""
-        ...
 
 
 _PERIODS = ("hour", "day", "week", "month", "total")
@@ -123,6 +108,15 @@ class BudgetStatus:
             for field, at in (("window_start", self.window_start), ("resets_at", self.resets_at))
         )
         return f"BudgetStatus(name={self.name!r}, key={self.key!r}, {money}, {times})"
+
+
+class BudgetedFunction(GuardedFunction[P, R_co], Protocol[P, R_co]):
+    """A function decorated with ``@budget``: a :class:`GuardedFunction` that also reads its
+    budget's state."""
+
+    def budget_status(self, key: str | None = None) -> BudgetStatus:
+        """The state of this function's budget (of ``key``'s window for a keyed budget)."""
+        ...
 
 
 @dataclass(frozen=True, repr=False)
@@ -1082,9 +1076,9 @@ def budget(
     max_wait: float = 30,
     sleep: Callable[[float], None] | None = None,
     async_sleep: Callable[[float], Awaitable[None]] | None = None,
-    model: str | _Unset | None = UNSET,
-    prompt: PromptFn | _Unset | None = UNSET,
-    log_content: bool | _Unset = UNSET,
+    model: str | Unset | None = UNSET,
+    prompt: PromptFn | Unset | None = UNSET,
+    log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], BudgetedFunction[P, R]]:
     """Cap spend at ``usd`` per ``per`` ("hour", "day", "week", "month", "total" or a
@@ -1280,6 +1274,16 @@ def _layer(name: str) -> _BudgetLayer:
             f"@budget(name={name!r}, ...) first"
         )
     return layer
+
+
+def spent_fraction(name: str, call: CallRecord) -> float:
+    """How much of budget ``name`` (declared in this process) the window ``call`` falls in
+    has spent: 0.0 to 1.0 and beyond; 1.0 for a budget with no limit."""
+    layer = _layer(name)
+    status = layer.status(name, layer.key_of(call))
+    if not status.limit_usd:
+        return 1.0
+    return float(status.spent_usd / status.limit_usd)
 
 
 def budget_definition(

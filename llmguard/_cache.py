@@ -26,10 +26,10 @@ from decimal import Decimal
 from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 from . import _validate as validate
-from ._config import UNSET, _Unset
+from ._config import UNSET, Unset
 from ._errors import LLMGuardError, StorageError
 from ._events import warn_once, warn_outage
-from ._flight import Flight, _running_loop
+from ._flight import Flight, running_loop
 from ._keys import Binder, canonical, code_digest
 from ._lease import Lease
 from ._money import format_usd
@@ -38,6 +38,7 @@ from ._pipeline import (
     Blocking,
     Call,
     CallRecord,
+    GuardedFunction,
     Metering,
     PromptFn,
     Sleep,
@@ -64,6 +65,7 @@ from ._tags import TagValues
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 _bypass: ContextVar[bool] = ContextVar("llmguard_bypass_cache", default=False)
 _STREAM_STORED = object()  # a flight's value: the leader's stream is in the storage now
@@ -106,22 +108,18 @@ class CacheInfo(NamedTuple):
         )
 
 
-class CachedFunction(Protocol[P, R]):
-    """A function decorated with ``@cached``."""
+class CachedFunction(GuardedFunction[P, R_co], Protocol[P, R_co]):
+    """A function decorated with ``@cached``: a :class:`GuardedFunction` with its cache's
+    statistics, a way to empty it, and the key a call would use."""
 
-    __wrapped__: Callable[P, R]
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    @property
+    def __wrapped__(self) -> Callable[P, R_co]: ...
 
     def cache_info(self) -> CacheInfo: ...
 
     def cache_clear(self) -> None: ...
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
-
-    def with_options(self, **options: Any) -> Callable[P, R]:
-        """See :meth:`llmguard.GuardedFunction.with_options`."""
-        ...
 
 
 def _model_and_cost(metering: Metering) -> tuple[str | None, Decimal | None]:
@@ -359,7 +357,7 @@ class _CacheLayer:
             # would wait for itself. It runs uncached (the outer call stores the answer).
             call.fields["cache"] = "reentrant"
             return (yield PROCEED)
-        loop = _running_loop() if call.spec.is_async else None
+        loop = running_loop() if call.spec.is_async else None
         while True:
             with self._lock:
                 flight = self._flights.get(key)
@@ -616,9 +614,9 @@ def cached(
     clock: Callable[[], float] = ...,
     sleep: Callable[[float], None] | None = ...,
     async_sleep: Callable[[float], Awaitable[None]] | None = ...,
-    model: str | _Unset | None = ...,
-    prompt: PromptFn | _Unset | None = ...,
-    log_content: bool | _Unset = ...,
+    model: str | Unset | None = ...,
+    prompt: PromptFn | Unset | None = ...,
+    log_content: bool | Unset = ...,
     tags: TagValues | None = ...,
 ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]: ...
 
@@ -641,9 +639,9 @@ def cached(
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] | None = None,
     async_sleep: Callable[[float], Awaitable[None]] | None = None,
-    model: str | _Unset | None = UNSET,
-    prompt: PromptFn | _Unset | None = UNSET,
-    log_content: bool | _Unset = UNSET,
+    model: str | Unset | None = UNSET,
+    prompt: PromptFn | Unset | None = UNSET,
+    log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
 ) -> Any:
     """Cache the decorated function's results in the storage (local disk by default).

@@ -13,12 +13,15 @@ from pathlib import Path
 from ._errors import ConfigurationError
 
 
-class _Unset:
-    """Sentinel type: an argument that was not given (as opposed to an explicit ``None``)."""
+class Unset:
+    """The type of ``UNSET``, the default of llmguard options that were not given (as
+    opposed to an explicit ``None``, which often means "off"). It appears in signatures
+    (``model: str | Unset | None = UNSET``); there is one instance, and it is falsy.
+    A wrapper that forwards options can leave them out, or pass ``llmguard.Unset()``."""
 
-    _instance: _Unset | None = None
+    _instance: Unset | None = None
 
-    def __new__(cls) -> _Unset:
+    def __new__(cls) -> Unset:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -30,7 +33,7 @@ class _Unset:
         return False
 
 
-UNSET = _Unset()
+UNSET = Unset()
 
 
 @dataclass
@@ -58,9 +61,9 @@ def _changed() -> None:
 
 def configure(
     *,
-    storage: str | _Unset | None = UNSET,
-    cache_dir: str | os.PathLike[str] | _Unset | None = UNSET,
-    cache_size_limit: int | _Unset | None = UNSET,
+    storage: str | Unset | None = UNSET,
+    cache_dir: str | os.PathLike[str] | Unset | None = UNSET,
+    cache_size_limit: int | Unset | None = UNSET,
 ) -> None:
     """Set process-wide defaults for every llmguard decorator.
 
@@ -80,10 +83,10 @@ def configure(
     from . import _validate as validate
 
     # Every argument is checked before any is set: a refused call changes nothing.
-    if not isinstance(storage, _Unset):
+    if not isinstance(storage, Unset):
         validate.storage(storage, decorator="configure")
     folder: str | None = None
-    if cache_dir is not None and not isinstance(cache_dir, _Unset):
+    if cache_dir is not None and not isinstance(cache_dir, Unset):
         if not isinstance(cache_dir, (str, os.PathLike)) or not str(os.fspath(cache_dir)).strip():
             raise validate.refuse(
                 "configure",
@@ -98,7 +101,7 @@ def configure(
             )
         folder = str(os.fspath(cache_dir))
         check_folder(Path(folder).expanduser(), "cache_dir")
-    if not isinstance(cache_size_limit, _Unset):
+    if not isinstance(cache_size_limit, Unset):
         validate.integer(
             cache_size_limit,
             "cache_size_limit",
@@ -108,11 +111,11 @@ def configure(
             allow_none=True,
             meaning="bytes of cache entries a local storage keeps; None: the default, 1 GiB",
         )
-    if not isinstance(storage, _Unset):
+    if not isinstance(storage, Unset):
         _settings.storage = storage
-    if not isinstance(cache_dir, _Unset):
+    if not isinstance(cache_dir, Unset):
         _settings.cache_dir = folder
-    if not isinstance(cache_size_limit, _Unset):
+    if not isinstance(cache_size_limit, Unset):
         _settings.cache_size_limit = cache_size_limit
     _changed()
 

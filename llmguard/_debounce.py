@@ -17,16 +17,17 @@ import inspect
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 from . import _validate as validate
-from ._config import UNSET, _Unset
+from ._config import UNSET, Unset
 from ._errors import ConfigurationError
-from ._flight import Flight, _running_loop
+from ._flight import Flight, running_loop
 from ._pipeline import (
     PROCEED,
     Call,
     CallRecord,
+    GuardedFunction,
     PromptFn,
     Sleep,
     UserFunction,
@@ -76,7 +77,7 @@ class _DebounceLayer:
 
     def run(self, call: CallRecord) -> Generator[Any, Any, Any]:
         key = self.key(call) if self.key is not None else None
-        loop = _running_loop() if call.spec.is_async else None
+        loop = running_loop() if call.spec.is_async else None
         with self._lock:
             burst = self._bursts.get(key)
             leader = burst is None or burst.closed or burst.flight.loop is not loop
@@ -189,18 +190,37 @@ class _DebounceLayer:
         return reader
 
 
+@overload
+def debounced(fn: Callable[P, R], /) -> GuardedFunction[P, R]: ...
+
+
+@overload
 def debounced(
-    wait: float = 0.3,
+    wait: float = ...,
+    *,
+    key: Callable[..., Any] | None = ...,
+    clock: Callable[[], float] = ...,
+    sleep: Callable[[float], None] | None = ...,
+    async_sleep: Callable[[float], Awaitable[None]] | None = ...,
+    model: str | Unset | None = ...,
+    prompt: PromptFn | Unset | None = ...,
+    log_content: bool | Unset = ...,
+    tags: TagValues | None = ...,
+) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]: ...
+
+
+def debounced(
+    wait: Any = 0.3,
     *,
     key: Callable[..., Any] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] | None = None,
     async_sleep: Callable[[float], Awaitable[None]] | None = None,
-    model: str | _Unset | None = UNSET,
-    prompt: PromptFn | _Unset | None = UNSET,
-    log_content: bool | _Unset = UNSET,
+    model: str | Unset | None = UNSET,
+    prompt: PromptFn | Unset | None = UNSET,
+    log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+) -> Any:
     """Collapse bursts of calls into one execution with the latest arguments.
 
     Calls with the same ``key`` (given the call's arguments by name; default: every call of
@@ -214,11 +234,11 @@ def debounced(
 
         @llmguard.debounced(wait=0.3, key=lambda user, text: user)
         async def suggest(user: str, text: str) -> str: ...
+
+    Bare ``@debounced`` waits 0.3 seconds for every call of the function.
     """
     if callable(wait) and not isinstance(wait, (int, float)):
-        raise ConfigurationError(
-            "@debounced needs parentheses: @debounced() or @debounced(wait=0.3)"
-        )
+        return debounced()(wait)  # bare @debounced
     where = "@debounced"
     wait_s = validate.seconds(
         wait, "wait", decorator=where, maximum=86400, none_means="the quiet time ending a burst"
@@ -231,7 +251,7 @@ def debounced(
     check_options("debounced", options)
     layer = _DebounceLayer(wait=wait_s, key=key, clock=clock, sleep=sleep, async_sleep=async_sleep)
 
-    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+    def decorate(func: Callable[P, R]) -> GuardedFunction[P, R]:
         target = original(getattr(func, "__func__", func))
         if inspect.isasyncgenfunction(target):
             raise ConfigurationError(

@@ -112,7 +112,7 @@ def _resolve(future: asyncio.Future[Any]) -> None:
         future.set_result(None)
 
 
-def _running_loop() -> asyncio.AbstractEventLoop:
+def running_loop() -> asyncio.AbstractEventLoop:
     """The running event loop (asyncio is imported here, not at ``import llmguard``)."""
     import asyncio
 

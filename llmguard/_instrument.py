@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from ._errors import ConfigurationError
-from ._pipeline import _current
+from ._pipeline import current_call
 from ._retry import status_of
 from ._stream import StreamTally, is_stream
 from ._stream import wrap as wrap_stream
@@ -44,7 +44,7 @@ def _report(response: Any) -> Any:
     """Add ``response``'s usage to the call in progress; a stream (or a stream helper's
     manager) is returned metered, to report its usage when it ends, once: the decorated
     function may return it too, and it is still one provider call."""
-    call = _current.get()
+    call = current_call()
     if call is None:
         return response
     if is_stream(response):
@@ -85,7 +85,7 @@ def _wrap(method: Any) -> Any:
     # returned value rather than on the method.
     @functools.wraps(method)
     def create(*args: Any, **kwargs: Any) -> Any:
-        call = _current.get()
+        call = current_call()
         if call is not None:
             call.unanswered += 1
         try:
@@ -163,7 +163,7 @@ def record_usage(
     price of ``model`` (default: the call's model). Several reports in one call are summed.
     Returns False (and does nothing) outside a decorated call.
     """
-    call = _current.get()
+    call = current_call()
     if call is None:
         return False
     for name, value in (

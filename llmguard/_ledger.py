@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 from ._redact import redact_uri
-from ._storage import LocalStorage, MemoryStorage, RedisStorage, Storage, _wrapped
+from ._storage import LocalStorage, MemoryStorage, RedisStorage, Storage, storage_errors
 
 PICO = 10**12  # pico-dollars per dollar
 
@@ -193,7 +193,7 @@ class DocLedger:
         now_ms: int,
         ttl: float | None,
     ) -> tuple[bool, int, int]:
-        with _wrapped(self.storage.uri, "reserve"), self.storage.atomic():
+        with storage_errors(self.storage.uri, "reserve"), self.storage.atomic():
             doc = self._load(key)
             reserved = self._reserved(doc, now_ms)
             doc["limit"] = limit  # for operators reading the ledger from another process
@@ -207,7 +207,7 @@ class DocLedger:
     def settle(
         self, key: str, rid: str | None, actual: int, now_ms: int, ttl: float | None
     ) -> tuple[int, int]:
-        with _wrapped(self.storage.uri, "settle"), self.storage.atomic():
+        with storage_errors(self.storage.uri, "settle"), self.storage.atomic():
             doc = self._load(key)
             if rid is not None:
                 doc["res"].pop(rid, None)
@@ -217,7 +217,7 @@ class DocLedger:
             return int(doc["spent"]), reserved
 
     def status(self, key: str, now_ms: int) -> tuple[int, int]:
-        with _wrapped(self.storage.uri, "status"), self.storage.atomic():
+        with storage_errors(self.storage.uri, "status"), self.storage.atomic():
             doc = self._load(key)
             return int(doc["spent"]), self._reserved(doc, now_ms)
 
@@ -225,7 +225,7 @@ class DocLedger:
         self.storage.clear(key)
 
     def limit(self, key: str) -> int | None:
-        with _wrapped(self.storage.uri, "status"):
+        with storage_errors(self.storage.uri, "status"):
             return self._load(key).get("limit")
 
     def _floors(self, name: str) -> dict[str, Any]:
@@ -238,14 +238,14 @@ class DocLedger:
 
     def floor(self, name: str, field: str) -> int | None:
         """The largest cost seen of calls ``field`` (function and model) of budget ``name``."""
-        with _wrapped(self.storage.uri, "floor"):
+        with storage_errors(self.storage.uri, "floor"):
             value = self._floors(name).get(field)
         return value if isinstance(value, int) else None
 
     def raise_floor(self, name: str, field: str, cost: int) -> int:
         """Make that floor at least ``cost``; returns it."""
         key = FLOOR_PREFIX + encode_part(name)
-        with _wrapped(self.storage.uri, "raise floor"), self.storage.atomic():
+        with storage_errors(self.storage.uri, "raise floor"), self.storage.atomic():
             doc = self._floors(name)
             if not isinstance(doc.get(field), int) or doc[field] < cost:
                 doc[field] = cost
@@ -257,7 +257,7 @@ class DocLedger:
     ) -> dict[int, int]:
         """Add ``amount`` to time slice ``slice_id`` of the spend-rate record ``key``, forget
         slices before ``keep_from``, and return the slices kept ({slice id: pico-USD})."""
-        with _wrapped(self.storage.uri, "burn"), self.storage.atomic():
+        with storage_errors(self.storage.uri, "burn"), self.storage.atomic():
             raw = self.storage.get(key)
             try:
                 doc = json.loads(raw) if raw else {}
@@ -387,7 +387,7 @@ class RedisLedger:
         now_ms: int,
         ttl: float | None,
     ) -> tuple[bool, int, int]:
-        with _wrapped(self.storage.uri, "reserve"):
+        with storage_errors(self.storage.uri, "reserve"):
             ok, spent, held = self._reserve(
                 keys=[self.storage.key(key)],
                 args=[limit, amount, rid, expires_ms, now_ms, self._ttl(ttl)],
@@ -397,14 +397,14 @@ class RedisLedger:
     def settle(
         self, key: str, rid: str | None, actual: int, now_ms: int, ttl: float | None
     ) -> tuple[int, int]:
-        with _wrapped(self.storage.uri, "settle"):
+        with storage_errors(self.storage.uri, "settle"):
             spent, held = self._settle(
                 keys=[self.storage.key(key)], args=[rid or "", actual, now_ms, self._ttl(ttl)]
             )
         return int(spent), int(held)
 
     def status(self, key: str, now_ms: int) -> tuple[int, int]:
-        with _wrapped(self.storage.uri, "status"):
+        with storage_errors(self.storage.uri, "status"):
             spent, held = self._status(keys=[self.storage.key(key)], args=[now_ms])
         return int(spent), int(held)
 
@@ -412,13 +412,13 @@ class RedisLedger:
         self.storage.clear(key)
 
     def limit(self, key: str) -> int | None:
-        with _wrapped(self.storage.uri, "status"):
+        with storage_errors(self.storage.uri, "status"):
             value = self.storage.client.hget(self.storage.key(key), "limit")
         return None if value is None else int(value)
 
     def floor(self, name: str, field: str) -> int | None:
         """The largest cost seen of calls ``field`` (function and model) of budget ``name``."""
-        with _wrapped(self.storage.uri, "floor"):
+        with storage_errors(self.storage.uri, "floor"):
             value = self.storage.client.hget(
                 self.storage.key(FLOOR_PREFIX + encode_part(name)), field
             )
@@ -426,7 +426,7 @@ class RedisLedger:
 
     def raise_floor(self, name: str, field: str, cost: int) -> int:
         """Make that floor at least ``cost``; returns it."""
-        with _wrapped(self.storage.uri, "raise floor"):
+        with storage_errors(self.storage.uri, "raise floor"):
             value = self._raise_floor(
                 keys=[self.storage.key(FLOOR_PREFIX + encode_part(name))], args=[field, cost]
             )
@@ -436,7 +436,7 @@ class RedisLedger:
         self, key: str, slice_id: int, amount: int, keep_from: int, ttl: float
     ) -> dict[int, int]:
         """As :meth:`DocLedger.burn`, in one Lua script."""
-        with _wrapped(self.storage.uri, "burn"):
+        with storage_errors(self.storage.uri, "burn"):
             flat = self._burn(
                 keys=[self.storage.key(key)],
                 args=[slice_id, amount, keep_from, self._ttl(ttl)],

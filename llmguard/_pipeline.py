@@ -30,10 +30,10 @@ from collections.abc import Awaitable, Callable, Collection, Generator, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from random import getrandbits
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from . import _validate as validate
-from ._config import _Unset
+from ._config import Unset
 from ._errors import ConfigurationError
 from ._events import emit, warn_once
 from ._keys import Binder
@@ -53,6 +53,9 @@ _ZERO = Decimal(0)
 _OUTPUT_BUDGET_ARGS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 P = ParamSpec("P")
 R = TypeVar("R", covariant=True)
+_Q = ParamSpec("_Q")
+_T = TypeVar("_T")
+_Self = TypeVar("_Self")
 
 
 class _Proceed:
@@ -716,6 +719,20 @@ class GuardedFunction(Protocol[P, R]):
         passing ``critical=True`` to the function itself, which works too."""
         ...
 
+    # A decorated method is bound like any function: ``obj.method(...)`` is typed
+    # without ``self`` (as a plain callable: its attributes are read on the class).
+    @overload
+    def __get__(self: _Self, instance: None, owner: type[Any] | None = None) -> _Self: ...
+
+    @overload
+    def __get__(
+        self: GuardedFunction[Concatenate[_T, _Q], R],
+        instance: _T,
+        owner: type[Any] | None = None,
+    ) -> Callable[_Q, R]: ...
+
+    def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any: ...
+
 
 def current_call() -> CallRecord | None:
     """The record of the innermost llmguard-decorated call in progress, or None."""
@@ -960,7 +977,7 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
 def check_options(decorator: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Validate the metering options every llmguard decorator takes (at decoration time):
     ``model``, ``prompt``, ``log_content`` and ``tags``; UNSET ones are dropped."""
-    given = {k: v for k, v in options.items() if not isinstance(v, _Unset)}
+    given = {k: v for k, v in options.items() if not isinstance(v, Unset)}
     unknown = set(given) - {"model", "prompt", "log_content", "tags"}
     if unknown:
         raise ConfigurationError(f"@{decorator} got unknown options: {', '.join(sorted(unknown))}")

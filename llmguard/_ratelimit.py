@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from . import _validate as validate
-from ._config import UNSET, _Unset, settings_generation, storage_uri
+from ._config import UNSET, Unset, settings_generation, storage_uri
 from ._errors import ConfigurationError, RateLimitExceeded, RequestTooLarge, StorageError
 from ._events import emit, warn_outage
 from ._pipeline import (
@@ -37,6 +37,7 @@ from ._pipeline import (
     Blocking,
     Call,
     CallRecord,
+    GuardedFunction,
     PromptFn,
     Sleep,
     UserFunction,
@@ -44,7 +45,7 @@ from ._pipeline import (
     guard,
 )
 from ._redact import redact_uri
-from ._storage import _scheme, open_storage, split_redis_prefix, validate_uri
+from ._storage import open_storage, scheme_of, split_redis_prefix, validate_uri
 from ._tags import TagValues
 
 P = ParamSpec("P")
@@ -69,7 +70,7 @@ def limits_storage(uri: str | None, clock: Callable[[], float] = time.time) -> t
     over a dict for ``memory://`` (both read time from ``clock``), limits' Redis storage for
     ``redis://`` (keys under the URI's ``?prefix=``)."""
     chosen = uri or storage_uri()
-    scheme = _scheme(chosen)
+    scheme = scheme_of(chosen)
     if scheme in ("local", "disk", "file"):  # "local" names a folder that settings may move
         chosen = open_storage(chosen).uri
     with _limits_lock:
@@ -446,11 +447,11 @@ def rate_limited(
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] | None = None,
     async_sleep: Callable[[float], Awaitable[None]] | None = None,
-    model: str | _Unset | None = UNSET,
-    prompt: PromptFn | _Unset | None = UNSET,
-    log_content: bool | _Unset = UNSET,
+    model: str | Unset | None = UNSET,
+    prompt: PromptFn | Unset | None = UNSET,
+    log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]:
     """Start at most ``rate`` calls (``"500/minute"``, ``"10/second;500/minute"``) and spend
     at most ``tokens`` tokens (``"200000/minute"``) per window.
 
@@ -523,11 +524,11 @@ def rate_limited(
         on_storage_error, "on_storage_error", decorator=where, choices=("allow", "raise")
     )
     validate.storage(storage, decorator=where)
-    if storage is not None and _scheme(storage) not in _SCHEMES:
+    if storage is not None and scheme_of(storage) not in _SCHEMES:
         raise validate.refuse(
             where, "storage", storage, "rate limits need local, memory:// or redis:// storage"
         )
-    if storage is not None and clock is not time.time and _scheme(storage) in _REDIS_SCHEMES:
+    if storage is not None and clock is not time.time and scheme_of(storage) in _REDIS_SCHEMES:
         raise _clock_refused(storage)
     layer = _RateLimitLayer(
         requests=requests_items,
@@ -545,7 +546,7 @@ def rate_limited(
         async_sleep=async_sleep,
     )
 
-    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+    def decorate(func: Callable[P, R]) -> GuardedFunction[P, R]:
         return guard(func, decorator="rate_limited", layer=layer, options=options)  # type: ignore[no-any-return]
 
     return decorate

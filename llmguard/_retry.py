@@ -19,10 +19,18 @@ from datetime import datetime, timezone
 from typing import Any, ParamSpec, TypeVar, overload
 
 from . import _validate as validate
-from ._config import UNSET, _Unset
+from ._config import UNSET, Unset
 from ._errors import RateLimitExceeded, RequestTooLarge
 from ._events import emit
-from ._pipeline import PROCEED, CallRecord, PromptFn, Sleep, check_options, guard
+from ._pipeline import (
+    PROCEED,
+    CallRecord,
+    GuardedFunction,
+    PromptFn,
+    Sleep,
+    check_options,
+    guard,
+)
 from ._tags import TagValues
 
 P = ParamSpec("P")
@@ -229,7 +237,7 @@ class _RetryLayer:
 
 
 @overload
-def retry_on_rate_limit(fn: Callable[P, R], /) -> Callable[P, R]: ...
+def retry_on_rate_limit(fn: Callable[P, R], /) -> GuardedFunction[P, R]: ...
 
 
 @overload
@@ -241,15 +249,15 @@ def retry_on_rate_limit(
     initial_wait: float = ...,
     server_errors: bool = ...,
     retry_on: tuple[type[BaseException], ...] = ...,
-    jitter: Callable[[float], float] | _Unset | None = ...,
+    jitter: Callable[[float], float] | Unset | None = ...,
     clock: Callable[[], float] = ...,
     sleep: Callable[[float], None] | None = ...,
     async_sleep: Callable[[float], Awaitable[None]] | None = ...,
-    model: str | _Unset | None = ...,
-    prompt: PromptFn | _Unset | None = ...,
-    log_content: bool | _Unset = ...,
+    model: str | Unset | None = ...,
+    prompt: PromptFn | Unset | None = ...,
+    log_content: bool | Unset = ...,
     tags: TagValues | None = ...,
-) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]: ...
 
 
 def retry_on_rate_limit(
@@ -262,13 +270,13 @@ def retry_on_rate_limit(
     initial_wait: float = 1.0,
     server_errors: bool = True,
     retry_on: tuple[type[BaseException], ...] = (),
-    jitter: Callable[[float], float] | _Unset | None = UNSET,
+    jitter: Callable[[float], float] | Unset | None = UNSET,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] | None = None,
     async_sleep: Callable[[float], Awaitable[None]] | None = None,
-    model: str | _Unset | None = UNSET,
-    prompt: PromptFn | _Unset | None = UNSET,
-    log_content: bool | _Unset = UNSET,
+    model: str | Unset | None = UNSET,
+    prompt: PromptFn | Unset | None = UNSET,
+    log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
 ) -> Any:
     """Retry the call when the provider says "too many requests", as it asks.
@@ -311,7 +319,7 @@ def retry_on_rate_limit(
             retry_on,
             "retry_on must be a tuple of exception types, e.g. (TimeoutError,)",
         )
-    if not isinstance(jitter, _Unset):
+    if not isinstance(jitter, Unset):
         validate.function(jitter, "jitter", decorator=where, takes="given a wait, returning one")
     validate.function(clock, "clock", decorator=where, allow_none=False)
     validate.function(sleep, "sleep", decorator=where)
@@ -323,7 +331,7 @@ def retry_on_rate_limit(
         initial_wait=initial_wait_s,
         server_errors=server_errors,
         retry_on=tuple(retry_on),
-        jitter=backoff.full_jitter if isinstance(jitter, _Unset) else jitter,
+        jitter=backoff.full_jitter if isinstance(jitter, Unset) else jitter,
         clock=clock,
         sleep=sleep,
         async_sleep=async_sleep,

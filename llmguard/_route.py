@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from . import _validate as validate
-from ._config import UNSET, _Unset
+from ._config import UNSET, Unset
 from ._errors import BudgetExceeded, ConfigurationError
 from ._pipeline import (
     PROCEED,
@@ -77,13 +77,9 @@ class _RouteLayer:
         return index is not None and index < len(call.args)
 
     def _budget_spent(self, call: CallRecord) -> float | None:
-        from ._budget import _layer
+        from ._budget import spent_fraction
 
-        layer = _layer(self.budget or "")
-        status = layer.status(self.budget or "", layer.key_of(call))
-        if not status.limit_usd:
-            return 1.0
-        return float(status.spent_usd / status.limit_usd)
+        return spent_fraction(self.budget or "", call)
 
     def choose(self, call: CallRecord, critical: bool) -> tuple[str | None, str]:
         """(model to pass, route) for this call."""
@@ -153,8 +149,8 @@ def route_model(
     budget: str | None = None,
     param: str = "model",
     critical_param: str = "critical",
-    prompt: PromptFn | _Unset | None = UNSET,
-    log_content: bool | _Unset = UNSET,
+    prompt: PromptFn | Unset | None = UNSET,
+    log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
 ) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]:
     """Pick the model for each call, and fall back to others when it fails.

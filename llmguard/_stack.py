@@ -18,6 +18,7 @@ from . import _validate as validate
 from ._budget import budget as _budget
 from ._cache import cached as _cached
 from ._errors import ConfigurationError
+from ._pipeline import GuardedFunction
 from ._ratelimit import rate_limited as _rate_limited
 from ._retry import retry_on_rate_limit as _retry
 from ._route import route_model as _route
@@ -56,7 +57,7 @@ def guard(
     retry: bool | Options | None = None,
     rate: str | Options | None = None,
     tags: TagValues | None = None,
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]:
     """Apply the policies in the recommended order: cache, route, budget, retry, rate limit.
 
     Each argument takes that decorator's options as a dict (``True`` for its defaults, a
@@ -100,7 +101,7 @@ def guard(
     if tags is not None:
         layers.append(_track(tags=tags))  # checked now: bad tags fail at decoration
 
-    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+    def decorate(func: Callable[P, R]) -> GuardedFunction[P, R]:
         wrapped: Any = func
         for layer in layers:
             wrapped = layer(wrapped)

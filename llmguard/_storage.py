@@ -866,7 +866,7 @@ def register_storage(scheme: str, factory: Callable[[str], Storage]) -> None:
     _registry[scheme] = factory
 
 
-def _scheme(uri: str) -> str:
+def scheme_of(uri: str) -> str:
     if "://" in uri:
         return uri.split("://", 1)[0].lower()
     if uri in ("local", "disk"):
@@ -878,7 +878,7 @@ def validate_uri(uri: str) -> str:
     """Check a storage URI at configuration time; returns it."""
     if not isinstance(uri, str) or not uri:
         raise ConfigurationError(f"storage must be a URI string, got {uri!r}")
-    scheme = _scheme(uri)
+    scheme = scheme_of(uri)
     if scheme not in _registry:
         known = ", ".join(sorted(f"{s}://" for s in _registry))
         raise ConfigurationError(
@@ -903,7 +903,7 @@ def check_storage(uri: str | None) -> None:
     if uri is not None:
         validate_uri(uri)
     chosen = uri or storage_uri()
-    if _scheme(chosen) in _LOCAL_SCHEMES:
+    if scheme_of(chosen) in _LOCAL_SCHEMES:
         check_folder(_local_place(chosen)[0], "the cache folder")
 
 
@@ -918,7 +918,7 @@ def _location(uri: str) -> str:
         _located_at = generation
     location = _locations.get(uri)
     if location is None:
-        if _scheme(uri) in _LOCAL_SCHEMES:
+        if scheme_of(uri) in _LOCAL_SCHEMES:
             folder, size_limit = _local_place(uri)
             location = f"file://{folder}?size_limit={size_limit}"  # a key, never parsed
         else:
@@ -939,7 +939,7 @@ def open_storage(uri: str | None = None) -> Storage:
             storage = _open.get(location)
             if storage is None:
                 validate_uri(chosen)
-                factory = _registry[_scheme(chosen)]
+                factory = _registry[scheme_of(chosen)]
                 try:
                     if factory is _local_from_uri:  # the folder resolved above, not again
                         folder, size_limit = _local_place(chosen)

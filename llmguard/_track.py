@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
-from ._config import UNSET, _Unset
-from ._pipeline import PromptFn, check_options, guard
+from ._config import UNSET, Unset
+from ._pipeline import GuardedFunction, PromptFn, check_options, guard
 from ._tags import TagValues
 
 P = ParamSpec("P")
@@ -14,26 +14,26 @@ R = TypeVar("R")
 
 
 @overload
-def track(fn: Callable[P, R], /) -> Callable[P, R]: ...
+def track(fn: Callable[P, R], /) -> GuardedFunction[P, R]: ...
 
 
 @overload
 def track(
     *,
-    model: str | _Unset | None = ...,
-    prompt: PromptFn | _Unset | None = ...,
-    log_content: bool | _Unset = ...,
+    model: str | Unset | None = ...,
+    prompt: PromptFn | Unset | None = ...,
+    log_content: bool | Unset = ...,
     tags: TagValues | None = ...,
-) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+) -> Callable[[Callable[P, R]], GuardedFunction[P, R]]: ...
 
 
 def track(
     fn: Any = None,
     /,
     *,
-    model: str | _Unset | None = UNSET,
-    prompt: PromptFn | _Unset | None = UNSET,
-    log_content: bool | _Unset = UNSET,
+    model: str | Unset | None = UNSET,
+    prompt: PromptFn | Unset | None = UNSET,
+    log_content: bool | Unset = UNSET,
     tags: TagValues | None = None,
 ) -> Any:
     """Meter every call of the decorated function and log one ``llm_call`` event.
@@ -57,7 +57,7 @@ def track(
     if fn is None:
         check_options("track", options)
 
-        def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        def decorate(func: Callable[P, R]) -> GuardedFunction[P, R]:
             return guard(func, decorator="track", options=options)  # type: ignore[no-any-return]
 
         return decorate

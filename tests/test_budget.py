@@ -337,9 +337,9 @@ def test_a_killed_process_releases_its_reservation_after_expiry(backend: str) ->
     probe = llmguard.budget(
         usd="1", per="total", name="killed", storage=backend, reservation_ttl=1
     )(lambda: None)
-    assert probe.budget_status().reserved_usd > 0  # type: ignore[attr-defined]
+    assert probe.budget_status().reserved_usd > 0
     time.sleep(1.1)
-    status = probe.budget_status()  # type: ignore[attr-defined]
+    status = probe.budget_status()
     assert (status.reserved_usd, status.spent_usd) == (0, 0)
 
 
@@ -356,7 +356,7 @@ def test_async_budget_under_concurrency(backend: str) -> None:
     outcomes = asyncio.run(main())
     assert sum(o == "ok" for o in outcomes) == 9  # 9 x $0.0010025 fit in $0.01, 10 do not
     assert all(isinstance(o, llmguard.BudgetExceeded) for o in outcomes if o != "ok")
-    assert ask.budget_status().spent_usd == Decimal("0.0090225")  # type: ignore[attr-defined]
+    assert ask.budget_status().spent_usd == Decimal("0.0090225")
 
 
 # -- reading a budget from any process (the definition is stored with the ledger) -----------
@@ -434,7 +434,7 @@ def test_a_keyed_budget_is_read_per_key(backend: str) -> None:
 
     ask("alice")
     with pytest.raises(llmguard.ConfigurationError, match="budget_keys"):
-        ask.budget_status()  # type: ignore[attr-defined]  # no invented key=None entry
+        ask.budget_status()  # no invented key=None entry
     assert ask.budget_status("alice").spent_usd == Decimal("0.0035")  # type: ignore[attr-defined]
     assert list(llmguard.budget_keys("keyed")) == ["alice"]
     with pytest.raises(llmguard.ConfigurationError, match="pass key="):

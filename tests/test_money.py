@@ -74,12 +74,12 @@ def _tiny_budget(usd: object, **options: object) -> object:
 
 def test_budget_status_repr_prints_money() -> None:
     ask = _tiny_budget(20)
-    fresh = repr(ask.budget_status())  # type: ignore[attr-defined]
+    fresh = repr(ask.budget_status())
     assert "limit_usd=$20.00" in fresh
     assert "remaining_usd=$20.00" in fresh
-    assert str(ask.budget_status().remaining_usd) == "20"  # type: ignore[attr-defined]
+    assert str(ask.budget_status().remaining_usd) == "20"
     ask("hi")  # type: ignore[operator]
-    text = repr(ask.budget_status())  # type: ignore[attr-defined]
+    text = repr(ask.budget_status())
     assert "spent_usd=$0.00000075" in text
     assert "reserved_usd=$0.00" in text
     assert "remaining_usd=$19.99999925" in text

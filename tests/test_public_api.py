@@ -1,5 +1,12 @@
 from __future__ import annotations
 
+import pickle
+import traceback
+import typing
+from decimal import Decimal
+
+import pytest
+
 import llmguard
 import llmguard.testing
 
@@ -48,3 +55,55 @@ def test_py_typed_is_shipped() -> None:
     from importlib.resources import files
 
     assert files("llmguard").joinpath("py.typed").is_file()
+
+
+PUBLIC_CLASSES = [
+    name for name in llmguard.__all__ if isinstance(getattr(llmguard, name, None), type)
+]
+
+
+@pytest.mark.parametrize("name", PUBLIC_CLASSES)
+def test_public_classes_report_the_package_as_their_module(name: str) -> None:
+    kind = getattr(llmguard, name)
+    assert kind.__module__ == "llmguard"
+    assert repr(kind) == f"<class 'llmguard.{name}'>"
+    # Their annotations still resolve (pydantic and FastAPI read them this way).
+    typing.get_type_hints(kind)
+
+
+def test_a_traceback_names_the_public_class() -> None:
+    try:
+        raise llmguard.ConfigurationError("bad")
+    except llmguard.ConfigurationError:
+        shown = traceback.format_exc()
+    assert "llmguard.ConfigurationError: bad" in shown
+    assert "_errors" not in shown.splitlines()[-1]
+
+
+def test_public_values_still_pickle() -> None:
+    picklable = [
+        llmguard.LLMGuardError("boom"),
+        llmguard.ConfigurationError("bad option"),
+        llmguard.BudgetUnavailable("ledger down"),
+        llmguard.PriceUnknown("no price"),
+        llmguard.Usage(input_tokens=3, output_tokens=4, model="gpt-4o"),
+        llmguard.BudgetStatus(
+            name="daily",
+            key=None,
+            limit_usd=Decimal("1"),
+            spent_usd=Decimal("0.25"),
+            reserved_usd=Decimal(0),
+            remaining_usd=Decimal("0.75"),
+            window_start=None,
+            resets_at=None,
+        ),
+        llmguard.CacheInfo(hits=1, misses=2, stale_hits=0, saved_usd=Decimal("0.5"), entries=2),
+    ]
+    for value in picklable:
+        copy = pickle.loads(pickle.dumps(value))
+        assert type(copy) is type(value)
+        if isinstance(value, Exception):
+            assert copy.args == value.args
+        else:
+            assert copy == value or copy is value
+    assert pickle.loads(pickle.dumps(llmguard.Unset())) is llmguard.Unset()

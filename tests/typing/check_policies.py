@@ -19,6 +19,16 @@ async def suggest(user: str, text: str) -> list[str]:
     return [text]
 
 
+@llmguard.debounced
+def debounced_bare(text: str) -> str:
+    return text
+
+
+@llmguard.debounced(0.5)
+def debounced_positional(text: str) -> str:
+    return text
+
+
 @llmguard.retry_on_rate_limit
 def bare(x: int) -> float:
     return x / 2
@@ -28,6 +38,10 @@ assert_type(summarize("x"), str)
 assert_type(summarize.cache_info().entries, int)
 summarize("x", model=3)  # type: ignore[arg-type]
 assert_type(bare(3), float)
+assert_type(debounced_bare("x"), str)
+assert_type(debounced_bare.with_options()("x"), str)
+debounced_bare(3)  # type: ignore[arg-type]
+assert_type(debounced_positional("x"), str)
 bare("3")  # type: ignore[arg-type]
 
 
