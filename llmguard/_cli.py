@@ -355,12 +355,14 @@ def _cmd_budget_reset(args: argparse.Namespace) -> int:
 
     storage = open_storage(args.storage)
     removed = clear_budget(storage, args.name, args.key)
-    print(
-        f"reset budget {args.name!r}"
-        + (f" key {args.key!r}" if args.key is not None else "")
-        + f": {removed} records removed"
-    )
-    return EXIT_OK if removed else EXIT_NOT_FOUND
+    which = f"budget {args.name!r}" + (f" key {args.key!r}" if args.key is not None else "")
+    if not removed:
+        print(
+            f"llmguard: nothing to reset: no {which} in {redact_uri(storage.uri)}", file=sys.stderr
+        )
+        return EXIT_NOT_FOUND
+    print(f"reset {which}: {removed} records removed")
+    return EXIT_OK
 
 
 def _cmd_cache_stats(args: argparse.Namespace) -> int:

@@ -286,8 +286,10 @@ def render(
     height: int = 40,
     top: int = 5,
     bar: str = "#",
+    live_view: bool = True,
 ) -> list[str]:
-    """The screen, one string per line (at most ``height`` lines of ``width`` characters)."""
+    """The screen, one string per line (at most ``height`` lines of ``width`` characters);
+    ``live_view`` False (``--once``) leaves out how to quit."""
     live.prune(now)
     span = _window_text(live.window)
     current = int(now // 60)
@@ -308,7 +310,7 @@ def render(
                     mine[name][0] += calls
                     mine[name][1] += cost
     clock = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    lines = [f"llmguard top  {path}  {clock} UTC  (Ctrl-C or q quits)"]
+    lines = [f"llmguard top  {path}  {clock} UTC" + ("  (Ctrl-C or q quits)" if live_view else "")]
     if live.skipped:
         lines[0] += f"  skipped lines: {live.skipped}"
     header = f"{'':<12}{'calls':>8}{'spent':>14}{'hit rate':>10}{'429s':>7}{'errors':>8}"
@@ -470,7 +472,14 @@ def run(
         _feed_file(live, path, clock)
         width, height = _size(out) if out.isatty() else (200, 1000)
         screen = render(
-            live, clock(), path=path, width=width, height=height, top=top, bar=_bar_of(out)
+            live,
+            clock(),
+            path=path,
+            width=width,
+            height=height,
+            top=top,
+            bar=_bar_of(out),
+            live_view=False,
         )
         out.write("\n".join(screen) + "\n")
         return 0

@@ -104,3 +104,17 @@ def test_the_check_finds_crossings() -> None:
     ]
     # A module's own underscore names are its business.
     assert crossings("from ._x import _helper\n", "llmguard._x") == []
+
+
+def test_no_test_flushes_a_redis_database() -> None:
+    """The tests write under their own key prefix and delete only those keys: a newcomer's
+    `pytest` must never empty a Redis database (README, Development)."""
+    tests = Path(__file__).resolve().parent
+    offenders = [
+        f"{path.name}:{number}"
+        for path in sorted(tests.rglob("*.py"))
+        if path.name != "test_architecture.py"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if "flushdb" in line or "flushall" in line.lower()
+    ]
+    assert offenders == []

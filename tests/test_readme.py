@@ -7,7 +7,7 @@ other variables a reader's environment would hold (``SLACK_WEBHOOK_URL``) set to
 address. What is changed in a block is only where it would reach outside this test: the Redis
 URI it shows (``redis://localhost:6379/0``) is the test Redis, under this test's key prefix,
 so no data of anyone's is touched; the Prometheus server it starts listens on a free loopback
-port rather than port 9464 of every interface (and is asked for ``/metrics``). A block
+port rather than port 9464 (and is asked for ``/metrics``). A block
 defining ``test_*`` functions (README's testing section) has them run too, with the pytest
 fixtures they name (``fake_llm`` is llmguard's pytest plugin's). What a block leaves set for
 the whole process (subscribers, OpenTelemetry and Prometheus instrumentation, OpenTelemetry's
@@ -35,7 +35,7 @@ from llmguard.testing import FakeLLMServer
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 README_REDIS = "redis://localhost:6379/0"
-README_METRICS_SERVER = 'start_http_server(9464, addr="0.0.0.0"'
+README_METRICS_SERVER = 'start_http_server(9464, addr="127.0.0.1"'
 
 
 def _blocks() -> list[Any]:

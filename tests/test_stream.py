@@ -957,20 +957,18 @@ def test_a_stale_stream_is_replayed_when_the_call_fails(
 # -- streams left unfinished are settled when dropped ---------------------------------------
 @pytest.mark.parametrize("ledger", ["file", "redis"])
 def test_a_stream_left_with_break_is_settled_when_dropped(
-    ledger: str, flavour: str, fake_llm: FakeLLMServer, events: CapturedEvents, tmp_path: Any
+    ledger: str,
+    flavour: str,
+    fake_llm: FakeLLMServer,
+    events: CapturedEvents,
+    tmp_path: Any,
+    request: pytest.FixtureRequest,
 ) -> None:
     import gc
 
     storage = f"file://{tmp_path}/ledger"
     if ledger == "redis":
-        from tests.conftest import REDIS_URI, redis_available
-
-        if not redis_available():
-            pytest.skip("no Redis")
-        import redis
-
-        redis.Redis.from_url(REDIS_URI).flushdb()
-        storage = REDIS_URI
+        storage = request.getfixturevalue("redis_uri")  # this test's own key prefix
     name = f"left-{ledger}-{flavour}"
     budget = llmguard.budget(usd="1", name=name, storage=storage)
     aio = flavour == "async"
@@ -1017,10 +1015,6 @@ def test_a_stream_left_with_break_is_settled_when_dropped(
     assert (event["outcome"], event["stream_chunks"], event["stream_abandoned"]) == ("ok", 2, True)
     _assert_metered(event, "gpt-4o", text, None)  # the prompt and the text read, estimated
     _assert_settled(name, event)
-    if ledger == "redis":
-        import redis
-
-        redis.Redis.from_url(storage).flushdb()
 
 
 def test_an_anthropic_stream_left_unfinished_counts_its_real_input(
