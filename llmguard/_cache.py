@@ -213,12 +213,14 @@ class _CacheLayer:
             self._warn("cache_unavailable", exc)
             return None
 
-    def _warn(self, event: str, exc: BaseException) -> None:
+    def _warn(
+        self, event: str, exc: BaseException, hint: str = "the call runs without the cache"
+    ) -> None:
         """A storage failure warns once per outage of the storage; anything else once."""
         fields = {
             "function": self.function,
             "error": f"{type(exc).__name__}: {exc}"[:300],
-            "hint": "the call runs without the cache",
+            "hint": hint,
         }
         if isinstance(exc, StorageError):
             warn_outage(exc.uri, event, **fields)
@@ -254,17 +256,24 @@ class _CacheLayer:
         the stream helper that read them, if one did)."""
         model, cost = stream if stream is not None else _model_and_cost(call.meter(value))
         now = self.clock()
-        data = encode(
-            value,
-            serializer=self.serializer,
-            model=model,
-            cost=cost,
-            created=now,
-            expires=None if self.ttl is None else now + self.ttl,
-            function=self.function,
-            stream=stream is not None,
-            helper=helper,
-        )
+        try:
+            data = encode(
+                value,
+                serializer=self.serializer,
+                model=model,
+                cost=cost,
+                created=now,
+                expires=None if self.ttl is None else now + self.ttl,
+                function=self.function,
+                stream=stream is not None,
+                helper=helper,
+            )
+        except TypeError:  # a type the serializer never stores: a mistake in the code
+            raise
+        except Exception as exc:  # this value only (an int past the digit limit, a cycle...):
+            # the call was paid for: its result is returned, not stored
+            self._warn("cache_write_failed", exc, "the result was returned but not stored")
+            return
         if self.ttl is None:
             physical = None
         elif self.stale_if_error:

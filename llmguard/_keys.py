@@ -93,7 +93,10 @@ def _encode(value: Any, where: str) -> bytes:
     if kind is bool:
         return b"T" if value else b"F"
     if kind is int:
-        return _chunk(b"i", str(value).encode())
+        if value.bit_length() <= _DECIMAL_BITS:
+            return _chunk(b"i", str(value).encode())
+        # past Python's int-to-str digit limit (str() raises ValueError): two's complement
+        return _chunk(b"I", value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
     if kind is float:
         return _chunk(b"f", repr(value).encode())
     if kind in (list, tuple):
@@ -109,9 +112,13 @@ def _encode(value: Any, where: str) -> bytes:
     if isinstance(value, enum.Enum):
         return _chunk(b"e", _encode(_qualname(kind), where) + _encode(value.value, where))
     if kind in (datetime.datetime, datetime.date, datetime.time):
-        return _chunk(b"D", _encode(kind.__name__, where) + _encode(value.isoformat(), where))
-    if kind is datetime.timedelta:
-        return _chunk(b"r", repr(value.total_seconds()).encode())
+        text = _encode(kind.__name__, where) + _encode(value.isoformat(), where)
+        if kind is not datetime.date and (value.fold or value.tzinfo is not None):
+            # what isoformat() leaves out: the fold, and which zone (not just its offset)
+            text += _encode([value.fold, _zone(value)], where)
+        return _chunk(b"D", text)
+    if kind is datetime.timedelta:  # exact: total_seconds() is a float, rounded
+        return _chunk(b"r", f"{value.days},{value.seconds},{value.microseconds}".encode())
     if kind is Decimal:
         return _chunk(b"m", str(value).encode())
     uuid = sys.modules.get("uuid")  # a UUID exists only if its module was imported
@@ -120,22 +127,38 @@ def _encode(value: Any, where: str) -> bytes:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return _chunk(b"c", _encode(_qualname(kind), where) + _encode(fields, where))
-    dump = getattr(value, "model_dump", None)
-    if callable(dump) and hasattr(kind, "model_fields"):
-        try:
-            data = dump(mode="json")
-        except ValueError as exc:  # pydantic's own refusal: a cycle, an unserializable field
-            raise TypeError(
-                f"cannot make a cache key from argument {where!r}: its {_qualname(kind)} does "
-                f"not serialize ({exc}). Leave it out with ignore=({where.split('[', 1)[0]!r},), "
-                "or derive the key yourself with key="
-            ) from None
-        return _chunk(b"p", _encode(_qualname(kind), where) + _encode(data, where))
-    # Subclasses of the plain types (a str Enum is handled above): their class and base value.
+    model_fields = getattr(kind, "model_fields", None)
+    if isinstance(model_fields, dict) and callable(getattr(value, "model_dump", None)):
+        # A pydantic model: its actual field values, every one (excluded from dumps or
+        # not) and its extra fields, each through this encoder, so types stay apart inside
+        # it as everywhere else. Never model_dump(): it masks secrets ('**********'), drops
+        # exclude=True fields and flattens types (bytes/str, tuple/list), so two tenants'
+        # requests would share a key. Private attributes are not data and not in the key.
+        state = value.__dict__
+        fields = {name: state[name] for name in model_fields if name in state}
+        extra = getattr(value, "__pydantic_extra__", None) or None
+        return _chunk(
+            b"p",
+            _encode(_qualname(kind), where) + _encode(fields, where) + _encode(extra, where),
+        )
+    if _is_secret(kind):
+        # pydantic's SecretStr, SecretBytes, Secret[T]: by the secret itself, as two
+        # tenants' tokens must not share a key. It is never stored: only the key's sha256
+        # digest is (a guessable secret could still be confirmed against a stored key by
+        # whoever knows every other argument and can read the storage's key names).
+        return _chunk(
+            b"k", _encode(_qualname(kind), where) + _encode(value.get_secret_value(), where)
+        )
+    # Subclasses of the plain types (a str Enum is handled above): their class and base value,
+    # and their own attributes if they have any.
     bases: tuple[type[Any], ...] = (str, int, float, list, tuple, dict)
     for base in bases:
         if isinstance(value, base):
-            return _chunk(b"x", _encode(_qualname(kind), where) + _encode(base(value), where))
+            text = _encode(_qualname(kind), where) + _encode(base(value), where)
+            state = getattr(value, "__dict__", None)
+            if state:
+                return _chunk(b"X", text + _encode(dict(state), where))
+            return _chunk(b"x", text)
     raise TypeError(
         f"cannot make a cache key from argument {where!r} of type {_qualname(kind)}: pass "
         f"plain data (str, numbers, lists, dicts, dataclasses, pydantic models...), or leave "
@@ -145,6 +168,32 @@ def _encode(value: Any, where: str) -> bytes:
 
 def _qualname(kind: type) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
+
+
+# Ints this long str() converts under any int-to-str digit limit (640 digits at the least).
+_DECIMAL_BITS = 2000
+
+
+def _zone(value: datetime.datetime | datetime.time) -> list[Any] | None:
+    """The time zone of an aware datetime or time: its class, name and zone key."""
+    tz = value.tzinfo
+    if tz is None:
+        return None
+    key = getattr(tz, "key", None) or getattr(tz, "zone", None)  # zoneinfo, pytz
+    return [_qualname(type(tz)), value.tzname(), key if isinstance(key, str) else None]
+
+
+_SECRET_CLASSES = frozenset(
+    {"_SecretBase", "_SecretField", "SecretField", "SecretStr", "SecretBytes"}
+)
+
+
+def _is_secret(kind: type) -> bool:
+    """Whether ``kind`` is one of pydantic's secret types (any version), or derives from one."""
+    return any(
+        base.__name__ in _SECRET_CLASSES and base.__module__.startswith("pydantic")
+        for base in kind.__mro__
+    )
 
 
 def canonical(arguments: Mapping[str, Any]) -> bytes:
