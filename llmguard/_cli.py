@@ -17,7 +17,7 @@ from ._money import decimal_text, format_usd
 from ._prices import PerMTok, Tiered, get_price
 from ._redact import redact_uri, scrub
 from ._report import DIMENSIONS, check_dimension
-from ._storage import check_storage, open_storage
+from ._storage import Storage, check_storage, local_folder, open_storage
 from ._tokens import count_tokens
 from ._version import __version__
 
@@ -290,17 +290,34 @@ def _budget_rows(name: str, key: str | None, storage: str | None) -> list[dict[s
     ]
 
 
+def _existing_storage(uri: str | None) -> Storage | None:
+    """The storage an operator command reads, or None (having said so on stderr) if it is a
+    local folder that does not exist: a command never creates one (a mistyped path would
+    leave a stray folder, and there is nothing to show or remove anyway)."""
+    folder = local_folder(uri)
+    if folder is not None and not folder.is_dir():
+        print(
+            f"llmguard: nothing there: no storage folder {str(folder)!r} (check --storage, "
+            "LLMGUARD_STORAGE or LLMGUARD_CACHE_DIR)",
+            file=sys.stderr,
+        )
+        return None
+    return open_storage(uri)
+
+
 def _cmd_budget_status(args: argparse.Namespace) -> int:
     from ._errors import ConfigurationError
     from ._ledger import budget_names
 
-    storage = open_storage(args.storage)
+    storage = _existing_storage(args.storage)
+    if storage is None:
+        return EXIT_NOT_FOUND
     names = budget_names(storage)  # the budgets whose definition is stored
     if args.name is not None:
         if args.name not in names:
             print(
-                f"llmguard: no budget named {args.name!r} in {storage.uri} (a budget's "
-                "definition is stored with its ledger on its first call)",
+                f"llmguard: no budget named {args.name!r} in {redact_uri(storage.uri)} (a "
+                "budget's definition is stored with its ledger on its first call)",
                 file=sys.stderr,
             )
             return EXIT_NOT_FOUND
@@ -353,7 +370,9 @@ def _cmd_budget_status(args: argparse.Namespace) -> int:
 def _cmd_budget_reset(args: argparse.Namespace) -> int:
     from ._ledger import clear_budget
 
-    storage = open_storage(args.storage)
+    storage = _existing_storage(args.storage)
+    if storage is None:
+        return EXIT_NOT_FOUND
     removed = clear_budget(storage, args.name, args.key)
     which = f"budget {args.name!r}" + (f" key {args.key!r}" if args.key is not None else "")
     if not removed:
@@ -366,7 +385,9 @@ def _cmd_budget_reset(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache_stats(args: argparse.Namespace) -> int:
-    storage = open_storage(args.storage)
+    storage = _existing_storage(args.storage)
+    if storage is None:
+        return EXIT_NOT_FOUND
     counts: dict[tuple[str, str], int] = {}
     for key in storage.keys("llmguard:cache:", entries=True):
         namespace, colon, rest = key[len("llmguard:cache:") :].partition(":")
@@ -391,7 +412,9 @@ def _cmd_cache_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache_clear(args: argparse.Namespace) -> int:
-    storage = open_storage(args.storage)
+    storage = _existing_storage(args.storage)
+    if storage is None:
+        return EXIT_NOT_FOUND
     prefix = f"llmguard:cache:{args.namespace}:" + (f"{args.function}:" if args.function else "")
     if args.function is None and args.namespace == "default":
         prefix = "llmguard:cache:"

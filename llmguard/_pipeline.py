@@ -930,9 +930,9 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
             call = CallRecord(spec, args, kwargs, _current.get())
             token = _current.set(call)
-            if _observers:
-                _watch(call)
-            try:
+            try:  # at once: whatever ends the call, even an interrupt, resets the context
+                if _observers:
+                    _watch(call)
                 result = await (_drive_async(layers, 0, call) if layers else fn(*args, **kwargs))
             except BaseException as exc:
                 _current.reset(token)
@@ -953,9 +953,9 @@ def _make_wrapper(spec: FunctionSpec) -> Callable[..., Any]:
     def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
         call = CallRecord(spec, args, kwargs, _current.get())
         token = _current.set(call)
-        if _observers:
-            _watch(call)
-        try:
+        try:  # at once: whatever ends the call, even an interrupt, resets the context
+            if _observers:
+                _watch(call)
             result = _drive_sync(layers, 0, call) if layers else fn(*args, **kwargs)
         except BaseException as exc:
             _current.reset(token)

@@ -1,13 +1,17 @@
 """Model prices: genai-prices (maintained upstream), user overrides, exact Decimal costs.
 
 A model's price is looked up once per process and reused: a genai-prices lookup per call
-would cost more than the rest of a call's metering. ``set_price()`` adds or overrides a
-model. An unknown model costs ``None`` (never a silent 0) and warns once.
+would cost more than the rest of a call's metering. Only a lookup that completed is kept
+(a price, or "unknown"): one cut short by an interrupt is not remembered, and one that
+failed (genai-prices cannot be imported, say) is tried again ``RETRY_AFTER`` seconds later.
+``set_price()`` adds or overrides a model. An unknown model costs ``None`` (never a silent
+0) and warns once.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -93,7 +97,13 @@ def _at(price: PerMTok, total_input_tokens: int) -> Decimal:
 
 _overrides: dict[str, ModelPrice] = {}
 _cache: dict[str, ModelPrice | None] = {}
+_failed: dict[str, float] = {}  # model -> when its failed lookup may be tried again
 _lock = threading.Lock()
+_clock = time.monotonic
+
+RETRY_AFTER = 60.0
+"""Seconds before a lookup that failed (not one that found the model unknown) is tried
+again: a broken price table costs one attempt per model per minute, not one per call."""
 
 
 def _decimal(value: Any, what: str) -> Decimal:
@@ -142,6 +152,7 @@ def set_price(
     with _lock:
         _overrides[model.lower()] = price
         _cache.clear()
+        _failed.clear()
     return price
 
 
@@ -150,6 +161,7 @@ def reset_prices() -> None:
     with _lock:
         _overrides.clear()
         _cache.clear()
+        _failed.clear()
 
 
 def _convert(value: Any) -> PerMTok | None:
@@ -196,11 +208,27 @@ def load_price_table() -> None:
         )
 
 
+def _interrupt_behind(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt (or other BaseException that is not an Exception) that ``exc``
+    was raised because of, if any: Python 3.11 turns one that lands while a class is being
+    built (genai-prices' dataclasses, on its first import) into a RuntimeError."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if not isinstance(cause, Exception):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def get_price(model: str) -> ModelPrice | None:
     """The price of ``model`` (override first, then genai-prices), or None if unknown.
 
     Looked up once per model per process; an unknown model warns once
-    (``unknown_model_price`` event) and returns None.
+    (``unknown_model_price`` event) and returns None. A lookup that failed warns once
+    (``price_lookup_failed``), returns None and is tried again after ``RETRY_AFTER``
+    seconds; one cut short by an interrupt is not remembered at all.
     """
     try:
         return _cache[model]
@@ -211,16 +239,25 @@ def get_price(model: str) -> ModelPrice | None:
     if price is None and "/" in key:  # "openai/gpt-4o"
         price = _overrides.get(key.rsplit("/", 1)[1])
     if price is None:
+        retry_at = _failed.get(model)
+        if retry_at is not None and _clock() < retry_at:
+            return None  # failed a moment ago (and said so): not tried on every call
         try:
             price = _lookup_genai_prices(model)
         except Exception as exc:  # a broken price table must not break the call
+            interrupt = _interrupt_behind(exc)
+            if interrupt is not None:  # cut short, not answered: the caller is interrupted
+                raise interrupt from None
             warn_once(
                 model,
                 "price_lookup_failed",
                 model=model,
                 error=f"{type(exc).__name__}: {exc}"[:300],
+                hint=f"cost_usd will be None; tried again in {RETRY_AFTER:g} s",
             )
-            price = None
+            _failed[model] = _clock() + RETRY_AFTER
+            return None  # not cached: not an answer
+        _failed.pop(model, None)
     if price is None:
         warn_once(
             model,

@@ -17,11 +17,37 @@ _LOCAL_SCHEMES = ("file", "local", "disk")
 _SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
 
 
-def _split(uri: str) -> tuple[str, str, str, str] | None:
-    """(scheme, userinfo, rest of the authority and path, query and fragment), or None for
-    a URI that cannot carry credentials (a folder path, ``file://``)."""
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*\Z")
+
+
+def uri_like(text: str) -> bool:
+    """Whether ``text`` reads as a URI rather than a folder path: a ``:`` comes before any
+    ``/`` or ``@`` (``redis:/:pw@host/0``, a typo for ``redis://``, does; ``/a:b`` does not)."""
+    colon = text.find(":")
+    if colon < 0:
+        return False
+    stops = [i for i in (text.find("/"), text.find("@")) if i >= 0]
+    return not stops or colon < min(stops)
+
+
+def malformed_uri(text: str) -> bool:
+    """Whether ``text`` reads as a URI (:func:`uri_like`) but lacks a valid ``scheme://``."""
+    scheme, sep, _ = text.partition("://")
+    return not (sep and _SCHEME.match(scheme)) and uri_like(text)
+
+
+def _split(uri: str) -> tuple[str, str, str, str, str] | None:
+    """(scheme, separator, userinfo, rest of the authority and path, query and fragment), or
+    None for a URI that cannot carry credentials (a folder path, ``file://``). A malformed
+    URI (``redis:/:pw@host``) is split at its first ``:`` and the slashes after it."""
     scheme, sep, rest = uri.partition("://")
-    if not sep or scheme.lower() in _LOCAL_SCHEMES:
+    if not (sep and _SCHEME.match(scheme)):
+        if not uri_like(uri):
+            return None
+        scheme, _, after = uri.partition(":")
+        rest = after.lstrip("/")
+        sep = uri[len(scheme) : len(uri) - len(rest)]
+    if scheme.lower() in _LOCAL_SCHEMES:
         return None
     end = len(rest)
     for mark in "?#":
@@ -31,8 +57,8 @@ def _split(uri: str) -> tuple[str, str, str, str] | None:
     head, tail = rest[:end], rest[end:]
     at = head.rfind("@")  # a raw '@' in a password still leaves the host after the last one
     if at < 0:
-        return scheme, "", head, tail
-    return scheme, head[:at], head[at + 1 :], tail
+        return scheme, sep, "", head, tail
+    return scheme, sep, head[:at], head[at + 1 :], tail
 
 
 def _query_secrets(tail: str) -> list[str]:
@@ -51,7 +77,7 @@ def redact_uri(uri: object) -> str:
     parts = _split(text)
     if parts is None:
         return text
-    scheme, userinfo, host, tail = parts
+    scheme, separator, userinfo, host, tail = parts
     if userinfo:
         user, colon, _ = userinfo.partition(":")
         userinfo = f"{user}:{MASK}@" if colon else f"{MASK}@"
@@ -64,7 +90,7 @@ def redact_uri(uri: object) -> str:
                 pair = f"{name}={MASK}"
             pairs.append(pair)
         tail = "?" + "&".join(pairs) + hash_mark + fragment
-    return f"{scheme}://{userinfo}{host}{tail}"
+    return f"{scheme}{separator}{userinfo}{host}{tail}"
 
 
 def secrets_of(uri: object) -> list[str]:
@@ -72,7 +98,7 @@ def secrets_of(uri: object) -> list[str]:
     parts = _split(str(uri))
     if parts is None:
         return []
-    _, userinfo, _, tail = parts
+    _, _, userinfo, _, tail = parts
     raw = []
     if userinfo:
         user, colon, password = userinfo.partition(":")

@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +44,7 @@ from ._config import (
 )
 from ._errors import ConfigurationError, LLMGuardError, StorageError, require
 from ._events import outages, storage_answered, storage_failed, warn_once
-from ._redact import redact_uri, scrub
+from ._redact import malformed_uri, redact_uri, scrub
 
 
 class Storage(ABC):
@@ -157,6 +159,8 @@ class _wrapped:
             if outages:  # some storage is down: is it this one, back?
                 storage_answered(_shown(self.uri), write=self.what not in _READS)
             return
+        if _local_storages:  # an interrupt may have left a transaction open: end it
+            end_broken_transactions(self.uri)
         if not isinstance(exc, Exception) or isinstance(exc, (ConfigurationError, RefusedRow)):
             return
         storage_failed(_shown(self.uri), write=self.what not in _READS)
@@ -169,6 +173,41 @@ class _wrapped:
 
 storage_errors = _wrapped
 """The seam under its public name, for the modules that adapt other libraries' storages."""
+
+# Every LocalStorage of this process (the limits storages open their own), for the seam.
+_local_storages: weakref.WeakSet[LocalStorage] = weakref.WeakSet()
+
+
+def end_broken_transactions(uri: str) -> None:
+    """After an exception left an operation on storage ``uri``: end any SQLite transaction
+    it left open on this thread (see :meth:`LocalStorage.end_broken_transaction`)."""
+    for storage in list(_local_storages):
+        if storage.uri == uri:
+            storage.end_broken_transaction()
+
+
+def _end_transaction(cache: Any) -> None:
+    """End the transaction this thread's connection to diskcache ``cache`` is in, if any,
+    and clear diskcache's record that this thread holds one.
+
+    diskcache keeps one connection per thread (``Cache._local.con``, for the process
+    ``_local.pid``) and the thread in a transaction (``Cache._txn_id``); an exception that
+    reaches ``Cache._transact`` between its ``BEGIN IMMEDIATE`` and its ``try`` (a
+    KeyboardInterrupt from a signal handler) leaves both set, and then every later operation
+    of this thread fails and every other process waits for the database lock. The connection
+    is closed (which rolls its transaction back; diskcache opens a new one when next used)
+    rather than sent a ROLLBACK: a ``_transact`` generator abandoned by the interrupt still
+    holds the old connection, and its late ROLLBACK must not end a newer transaction."""
+    local = cache._local
+    con = getattr(local, "con", None)
+    if con is not None and getattr(local, "pid", None) == os.getpid() and con.in_transaction:
+        try:
+            cache.close()  # this thread's connection only
+        except Exception:
+            with contextlib.suppress(Exception):
+                con.execute("ROLLBACK")
+    if cache._txn_id == threading.get_ident():
+        cache._txn_id = None
 
 
 class MemoryStorage(Storage):
@@ -431,6 +470,7 @@ class LocalStorage(Storage):
         self._opened: dict[Path, tuple[int, int, int, int]] = {}
         self._check_at = 0.0
         self._depth = threading.local()
+        _local_storages.add(self)
 
     def _refused(self, what: str) -> None:
         self.refused_rows += 1
@@ -526,13 +566,27 @@ class LocalStorage(Storage):
         """A block in which get/set/... are one atomic step across every process (an SQLite
         transaction on the state database), on the folder now on disk."""
         self._verify(force=True)
-        with self.cache.transact():
-            depth = self._depth
-            depth.n = getattr(depth, "n", 0) + 1
-            try:
+        depth = self._depth
+        outer: int = getattr(depth, "n", 0)
+        try:  # the depth is restored however the block ends, even cut short by an interrupt
+            depth.n = outer + 1
+            with self.cache.transact():
                 yield
-            finally:
-                depth.n -= 1
+        finally:
+            depth.n = outer
+
+    def end_broken_transaction(self) -> None:
+        """End what an exception (a KeyboardInterrupt, say) left open on this thread: an
+        SQLite transaction of either database that no atomic block of this thread is still
+        running is rolled back (what it wrote is undone: the operation did not happen), so
+        this process and every other can use the folder again. Called by the storage seam
+        whenever an exception leaves an operation; inside this thread's atomic block it
+        leaves the transaction to that block, which ends it."""
+        if getattr(self._depth, "n", 0):
+            return
+        for cache in (self._cache, self._entries):
+            if cache is not None:
+                _end_transaction(cache)
 
     @property
     def cache(self) -> Any:
@@ -817,6 +871,7 @@ def _redis_glob_escape(text: str) -> str:
 
 
 _LOCAL_ALIASES = ("local", "disk", "local://", "disk://")
+_DRIVE = re.compile(r"[A-Za-z]:[\\/]")  # C:\\cache, C:/cache: a folder on Windows
 _LOCAL_SCHEMES = ("local", "disk", "file")
 
 
@@ -878,6 +933,12 @@ def validate_uri(uri: str) -> str:
     """Check a storage URI at configuration time; returns it."""
     if not isinstance(uri, str) or not uri:
         raise ConfigurationError(f"storage must be a URI string, got {uri!r}")
+    if malformed_uri(uri) and not (os.name == "nt" and _DRIVE.match(uri)):
+        raise ConfigurationError(
+            f"storage {redact_uri(uri)!r} is a malformed URI: a scheme is followed by '://' "
+            "(redis://host:6379/0, file:///absolute/path); a folder whose name holds ':' is "
+            "given as ./name or file:///absolute/path"
+        )
     scheme = scheme_of(uri)
     if scheme not in _registry:
         known = ", ".join(sorted(f"{s}://" for s in _registry))
@@ -893,6 +954,15 @@ def validate_uri(uri: str) -> str:
                 scrub(f"storage {redact_uri(uri)!r} is not a Redis URI redis-py takes: {exc}", uri)
             ) from None
     return uri
+
+
+def local_folder(uri: str | None = None) -> Path | None:
+    """The folder a local storage URI (default: the configured one) names now, or None for
+    a storage that is not a folder (``memory://``, ``redis://``...). Opens nothing."""
+    chosen = uri or storage_uri()
+    if scheme_of(chosen) not in _LOCAL_SCHEMES:
+        return None
+    return _local_place(chosen)[0]
 
 
 def check_storage(uri: str | None) -> None:

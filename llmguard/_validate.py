@@ -44,7 +44,7 @@ _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*$", re.ASCII)
 
 
 def _shown(value: Any) -> str:
-    text = repr(redact_uri(value) if isinstance(value, str) and "://" in value else value)
+    text = repr(redact_uri(value) if isinstance(value, str) else value)  # any URI-like text
     return text if len(text) <= 80 else text[:77] + "..."
 
 
