@@ -596,7 +596,10 @@ class _BudgetLayer:
             charge it again."""
             nested = call.children_unsettled(children, ledger_id)
             call.add_settled(ledger_id, (known or Decimal(0)) + nested)
-            return (known if known is not None else estimate) + nested
+            charged = (known if known is not None else estimate) + nested
+            if call.fields.get("budget_charged_unanswered"):
+                call.fields["budget_charged_usd"] = float(charged)  # not in cost_usd: unknown
+            return charged
 
         try:
             result = yield PROCEED
@@ -635,7 +638,7 @@ class _BudgetLayer:
             return call.usage_totals(since=reported_before)[1]
         if error is not None:
             if call.unanswered > 0:
-                call.fields["budget_charged_unanswered"] = True
+                call.fields["budget_charged_unanswered"] = True  # see charge(): the amount
                 return None
             return Decimal(0)  # nothing was billed: release the reservation
         return metering.cost

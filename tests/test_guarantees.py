@@ -234,6 +234,7 @@ def test_a_timed_out_request_is_charged_its_worst_case(
     assert status.spent_usd > 0  # the worst case reserved: the provider may have done the work
     assert events.calls[0]["cost_source"] == "unanswered"
     assert events.calls[0]["budget_charged_unanswered"] is True
+    assert Decimal(str(events.calls[0]["budget_charged_usd"])) == status.spent_usd
 
 
 def test_a_provider_error_answer_is_not_charged(tmp_path: Path) -> None:

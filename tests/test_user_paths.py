@@ -165,7 +165,8 @@ def _assert_ledger(name: str, events: CapturedEvents) -> None:
     """The ledger holds exactly what the events cost, nothing reserved."""
     status = llmguard.budget_status(name)
     assert status.reserved_usd == 0
-    assert status.spent_usd == sum((Decimal(str(e["cost_usd"])) for e in events.calls), Decimal(0))
+    charged = (e.get("budget_charged_usd", e["cost_usd"]) for e in events.calls)
+    assert status.spent_usd == sum((Decimal(str(c)) for c in charged), Decimal(0))
 
 
 def _assert_paid(event: dict[str, Any], model: str, tokens: tuple[int, int]) -> None:
@@ -343,5 +344,7 @@ def test_an_async_server_whose_requests_time_out_or_are_cancelled_mid_stream(
     assert len(cut) == 2  # cut mid-stream: what was read is estimated, and charged
     assert all(e["cost_source"] == "estimate" and e["cost_usd"] > 0 for e in cut)
     [unanswered] = [e for e in errors if not e.get("stream_chunks")]
-    assert unanswered["cost_usd"] == 0  # timed out before any answer: nothing charged
+    assert unanswered["cost_usd"] == 0  # timed out before any answer: its cost is unknown
+    assert unanswered["cost_source"] == "unanswered"  # but the request was sent: the budget
+    assert unanswered["budget_charged_usd"] > 0  # charges its worst case (a hard cap)
     _assert_ledger("server", events)
