@@ -146,7 +146,8 @@ def test_anthropic_style_limits_and_overload() -> None:
         assert "retry-after" in limited.value.response.headers
         time.sleep(1.05)
         fake.fail_next(1, 529, retry_after=2)
-        with pytest.raises(anthropic.InternalServerError) as overloaded:
+        # OverloadedError: an InternalServerError from anthropic 2.5 on, an APIStatusError before.
+        with pytest.raises(anthropic.APIStatusError) as overloaded:
             client.messages.create(**request)
         assert overloaded.value.status_code == 529
         assert overloaded.value.response.headers["retry-after"] == "2"
