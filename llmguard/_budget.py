@@ -1179,14 +1179,7 @@ def budget(
         none_means="how long a reservation of a killed process holds budget",
     )
     validate.choice(unknown_price, "unknown_price", decorator=where, choices=("refuse", "allow"))
-    validate.integer(
-        default_output_tokens,
-        "default_output_tokens",
-        decorator=where,
-        minimum=0,
-        maximum=validate.MAX_TOKENS,
-        meaning="the output budget assumed when a call gives no max_tokens",
-    )
+    validate.output_budget(default_output_tokens, decorator=where)
     validate.flag(fail_open, "fail_open", decorator=where)
     validate.function(clock, "clock", decorator=where, allow_none=False)
     options = {"model": model, "prompt": prompt, "log_content": log_content, "tags": tags}

@@ -510,14 +510,7 @@ def rate_limited(
         maximum=3600,
         none_means="2% of the window, at least 50 ms",
     )
-    validate.integer(
-        default_output_tokens,
-        "default_output_tokens",
-        decorator=where,
-        minimum=0,
-        maximum=validate.MAX_TOKENS,
-        meaning="the output budget assumed when a call gives no max_tokens",
-    )
+    validate.output_budget(default_output_tokens, decorator=where)
     validate.function(sleep, "sleep", decorator=where)
     validate.function(async_sleep, "async_sleep", decorator=where)
     validate.choice(

@@ -213,6 +213,19 @@ def fraction(value: Any, option: str, *, decorator: str, meaning: str = "") -> f
     return float(value)
 
 
+def output_budget(value: Any, *, decorator: str) -> int:
+    """``default_output_tokens``: the output budget a call without ``max_tokens`` is
+    assumed to ask for (an int from 0 to :data:`MAX_TOKENS`)."""
+    return integer(
+        value,
+        "default_output_tokens",
+        decorator=decorator,
+        minimum=0,
+        maximum=MAX_TOKENS,
+        meaning="the output budget assumed when a call gives no max_tokens",
+    )
+
+
 @overload
 def usd(
     value: Any, option: str, *, decorator: str, allow_none: Literal[False] = ...
