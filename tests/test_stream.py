@@ -1230,35 +1230,54 @@ def test_a_stream_dropped_where_settling_would_deadlock_is_settled_by_another_th
     assert ask.cache_info().entries == 0  # half a stream is never stored
 
 
+_SDK_STREAM_AT_EXIT = """
+import sys
+import llmguard
+from llmguard.testing import FakeLLMServer
+
+fake = FakeLLMServer().start()
+client = fake.openai_client()
+
+@llmguard.budget(usd=1, name="at-exit", storage=sys.argv[1])
+def ask(messages, model="gpt-4o", max_tokens=100):
+    return client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, stream=True
+    )
+
+stream = ask([{"role": "user", "content": "hello there"}])
+next(stream), next(stream)
+print("reserved", llmguard.budget_status("at-exit").reserved_usd > 0, flush=True)
+"""
+
+_GENERATOR_AT_EXIT = """
+import sys
+import llmguard
+
+@llmguard.budget(usd=1, name="at-exit", storage=sys.argv[1])
+def ask(text, model="gpt-4o", max_tokens=100):
+    yield from ("Fake ", "reply ", "about ", text)
+
+stream = ask("hello there")
+next(stream), next(stream)
+print("reserved", llmguard.budget_status("at-exit").reserved_usd > 0, flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["sdk", "generator"])
 def test_a_stream_still_open_at_exit_is_settled_before_the_interpreter_goes(
-    tmp_path: Any,
+    tmp_path: Any, kind: str
 ) -> None:
     import os
     import subprocess
     import sys
-    import textwrap
 
+    if kind == "sdk" and sys.version_info >= (3, 13):
+        pytest.skip(
+            "CPython 3.13 with httpx2: any openai stream left open at exit segfaults while "
+            "the interpreter finalizes, with or without llmguard (reproduced without it)"
+        )
     ledger = f"file://{tmp_path}/ledger"
-    script = textwrap.dedent(
-        """
-        import sys
-        import llmguard
-        from llmguard.testing import FakeLLMServer
-
-        fake = FakeLLMServer().start()
-        client = fake.openai_client()
-
-        @llmguard.budget(usd=1, name="at-exit", storage=sys.argv[1])
-        def ask(messages, model="gpt-4o", max_tokens=100):
-            return client.chat.completions.create(
-                model=model, messages=messages, max_tokens=max_tokens, stream=True
-            )
-
-        stream = ask([{"role": "user", "content": "hello there"}])
-        next(stream), next(stream)
-        print("reserved", llmguard.budget_status("at-exit").reserved_usd > 0, flush=True)
-        """
-    )
+    script = _SDK_STREAM_AT_EXIT if kind == "sdk" else _GENERATOR_AT_EXIT
     done = subprocess.run(
         [sys.executable, "-c", script, ledger],
         capture_output=True,
